@@ -1,0 +1,3 @@
+from stylenat.cli import main
+
+raise SystemExit(main())

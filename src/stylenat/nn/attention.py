@@ -1,0 +1,521 @@
+"""Exact 2-D neighborhood attention (NA) and the Hydra-NA module of StyleNAT.
+
+Semantics (SPEC, "Neighborhood attention, exactly"), per axis of length L with kernel k and
+dilation d, for pixel i:
+
+* dilation group g = i mod d, sub-position j = i div d, group length Lg = ceil((L - g) / d);
+* window start s = clamp(j - k // 2, 0, Lg - k); keys are sub-positions s .. s + k - 1 of the
+  same group (pixels t * d + g), so near a border the window shifts inward and every query sees
+  exactly k keys per axis;
+* the 2-D window is the product of both axis windows; the relative-position bias of a key is
+  ``rpb[h, (key_y - q_y) + ky - 1, (key_x - q_x) + kx - 1]`` with offsets in sub-grid steps.
+
+One function, :func:`na2d`, runs every backend:
+
+``reference``
+    Dense attention over all H*W keys with the NA window as a mask. Quadratic in H*W; it exists
+    to be read and to anchor the tests.
+``tiled``
+    The fast CPU path. Queries of one dilation group are cut into T x T tiles; the keys any query
+    of a tile can see lie inside one (T+k-1) x (T+k-1) block of that group, so each tile is one
+    small dense attention with a mask. Memory grows with H*W*(T+k-1)^2, never (H*W)^2.
+``flex``
+    PyTorch flex_attention with a block mask: tokens are reordered so that each dilation group
+    and each 2-D tile is contiguous, the window is the ``mask_mod`` and the bias the
+    ``score_mod``. Compiled on CUDA; runs eagerly (and slowly) elsewhere, which is how the tests
+    check its semantics without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "na2d",
+    "available_backends",
+    "choose_backend",
+    "HydraNeighborhoodAttention",
+    "split_heads",
+    "BACKENDS",
+]
+
+BACKENDS = ("reference", "tiled", "flex")
+
+# Query tile edge of the tiled backend. With k = 7 a tile of 8 sees a 14 x 14 key block, a good
+# balance of wasted (masked) scores against matrix-product size on CPU; see benchmarks/attention.py.
+DEFAULT_TILE = 8
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    try:
+        y, x = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a (y, x) pair, got {value!r}") from None
+    return (int(y), int(x))
+
+
+def _check_axis(length: int, kernel: int, dilation: int, axis: str) -> None:
+    if kernel < 1 or dilation < 1:
+        raise ValueError(f"kernel_size and dilation must be >= 1 (axis {axis}: kernel {kernel}, dilation {dilation})")
+    if kernel * dilation > length:
+        raise ValueError(
+            f"kernel_size * dilation = {kernel} * {dilation} = {kernel * dilation} is larger than the "
+            f"feature map ({axis} = {length}); use a smaller kernel or dilation"
+        )
+    if kernel % 2 == 0 and kernel * dilation != length:
+        raise ValueError(
+            f"even kernel_size {kernel} on axis {axis} is only allowed when it covers the whole map "
+            f"(kernel * dilation == {length}, i.e. full attention); use an odd kernel"
+        )
+
+
+def check_na_args(
+    shape: Sequence[int], kernel_size, dilation=1, rpb_shape: Sequence[int] | None = None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Validate a neighborhood-attention configuration for q of ``shape`` [B, heads, H, W, D].
+
+    Returns the (y, x) kernel and dilation pairs; raises ValueError naming the problem.
+    """
+    if len(shape) != 5:
+        raise ValueError(f"q, k, v must be 5-D [B, heads, H, W, head_dim], got shape {tuple(shape)}")
+    ks = _pair(kernel_size, "kernel_size")
+    dil = _pair(dilation, "dilation")
+    _, heads, h, w, _ = shape
+    _check_axis(h, ks[0], dil[0], "H")
+    _check_axis(w, ks[1], dil[1], "W")
+    if rpb_shape is not None:
+        want = (heads, 2 * ks[0] - 1, 2 * ks[1] - 1)
+        if tuple(rpb_shape) != want:
+            raise ValueError(f"rpb must have shape [heads, 2*ky-1, 2*kx-1] = {list(want)}, got {list(rpb_shape)}")
+    return ks, dil
+
+
+# --------------------------------------------------------------------------------------------
+# Per-axis window geometry (shared by every backend; cached, tiny integer tensors)
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_window(length: int, kernel: int, dilation: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For each pixel i of an axis: (group g, sub-position j, window start s in sub-grid units)."""
+    i = torch.arange(length)
+    g = i % dilation
+    j = i // dilation
+    group_len = torch.div(length - g + dilation - 1, dilation, rounding_mode="floor")
+    s = torch.minimum(torch.clamp(j - kernel // 2, min=0), group_len - kernel)
+    return g, j, s
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_dense(length: int, kernel: int, dilation: int) -> tuple[Tensor, Tensor]:
+    """[L, L] membership mask (query, key) and bias index key_sub - q_sub + k - 1 (0 where masked)."""
+    g, j, s = _axis_window(length, kernel, dilation)
+    same = g[:, None] == g[None, :]
+    kj = j[None, :]
+    inside = same & (kj >= s[:, None]) & (kj < s[:, None] + kernel)
+    rel = torch.where(inside, kj - j[:, None] + kernel - 1, torch.zeros((), dtype=torch.long))
+    return inside, rel
+
+
+@dataclass(frozen=True)
+class _AxisTiles:
+    q_idx: Tensor  # [n, Tq] pixel of each query slot (padding repeats a real query of the tile)
+    k_idx: Tensor  # [n, U] pixel of each key slot (padding repeats a real key, masked out)
+    mask: Tensor  # [n, Tq, U] key slot inside the query's window
+    rel: Tensor  # [n, Tq, U] bias index key_sub - q_sub + k - 1 (0 where masked)
+    inv: Tensor  # [L] flat slot (tile * Tq + slot) holding each pixel's own query
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_tiles(length: int, kernel: int, dilation: int, tile: int) -> _AxisTiles:
+    g_all, j_all, s_all = _axis_window(length, kernel, dilation)
+    longest = -(-length // dilation)
+    tq = min(tile, longest)
+    u = min(tq + kernel - 1, longest)
+    q_rows, k_rows, masks, rels = [], [], [], []
+    inv = torch.empty(length, dtype=torch.long)
+    n = 0
+    for g in range(dilation):
+        group_len = -(-(length - g) // dilation)
+        start_of = s_all[g::dilation]  # window start per sub-position of this group
+        for t0 in range(0, group_len, tq):
+            js = torch.arange(t0, t0 + tq).clamp(max=group_len - 1)
+            s = start_of[js]
+            k0 = max(0, min(int(s[0]), group_len - u))
+            ks = torch.arange(k0, k0 + u)
+            inside = (ks[None, :] >= s[:, None]) & (ks[None, :] < s[:, None] + kernel)
+            q_rows.append(js * dilation + g)
+            k_rows.append(ks.clamp(max=group_len - 1) * dilation + g)
+            masks.append(inside)
+            rels.append(torch.where(inside, ks[None, :] - js[:, None] + kernel - 1, 0))
+            real = torch.arange(t0, min(t0 + tq, group_len))
+            inv[real * dilation + g] = n * tq + (real - t0)
+            n += 1
+    return _AxisTiles(torch.stack(q_rows), torch.stack(k_rows), torch.stack(masks), torch.stack(rels), inv)
+
+
+@functools.lru_cache(maxsize=128)
+def _tiled_bias_index(h: int, w: int, ks: tuple, dil: tuple, tile: int, table_w: int | None):
+    """Mask and flat rpb index of every (tile, query slot, key slot), in score layout.
+
+    Returns (allowed [ny, nx, Tqy*Tqx, Uy*Ux] bool, flat index or None).
+    """
+    ay = _axis_tiles(h, ks[0], dil[0], tile)
+    ax = _axis_tiles(w, ks[1], dil[1], tile)
+    ny, tqy, uy = ay.mask.shape
+    nx, tqx, ux = ax.mask.shape
+
+    def grid(a: Tensor, b: Tensor) -> Tensor:  # [ny,Tqy,Uy] x [nx,Tqx,Ux] -> [ny,nx,Tqy*Tqx,Uy*Ux]
+        out = a[:, None, :, None, :, None] * b[None, :, None, :, None, :]
+        return out.reshape(ny, nx, tqy * tqx, uy * ux)
+
+    allowed = grid(ay.mask.to(torch.int32), ax.mask.to(torch.int32)).bool()
+    index = None
+    if table_w is not None:
+        index = (ay.rel[:, None, :, None, :, None] * table_w + ax.rel[None, :, None, :, None, :]).reshape(
+            ny, nx, tqy * tqx, uy * ux
+        )
+        index = torch.where(allowed, index, 0).to(torch.int32)
+    return allowed, index
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+
+def _na2d_reference(q: Tensor, k: Tensor, v: Tensor, ks, dil, rpb: Tensor | None) -> Tensor:
+    b, heads, h, w, d = q.shape
+    in_y, rel_y = _axis_dense(h, ks[0], dil[0])
+    in_x, rel_x = _axis_dense(w, ks[1], dil[1])
+    allowed = (in_y[:, None, :, None] & in_x[None, :, None, :]).reshape(h * w, h * w).to(q.device)
+    scores = q.reshape(b, heads, h * w, d) @ k.reshape(b, heads, h * w, d).transpose(-1, -2)
+    if rpb is not None:
+        index = (rel_y[:, None, :, None] * rpb.shape[-1] + rel_x[None, :, None, :]).reshape(h * w, h * w)
+        scores = scores + rpb.reshape(heads, -1)[:, index.to(q.device)]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = scores.softmax(dim=-1) @ v.reshape(b, heads, h * w, d)
+    return out.reshape(b, heads, h, w, d)
+
+
+def _gather_tiles(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """x [B, h, H, W, D] -> [B, h, ny, nx, len_row*len_col, D] for row index [ny, r], col index [nx, c]."""
+    b, heads, _, _, d = x.shape
+    ny, r = rows.shape
+    nx, c = cols.shape
+    x = x.index_select(2, rows.reshape(-1)).index_select(3, cols.reshape(-1))
+    x = x.reshape(b, heads, ny, r, nx, c, d).permute(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(b, heads, ny, nx, r * c, d)
+
+
+def _na2d_tiled(q: Tensor, k: Tensor, v: Tensor, ks, dil, rpb: Tensor | None, tile: int = DEFAULT_TILE) -> Tensor:
+    b, heads, h, w, d = q.shape
+    dev = q.device
+    ay = _axis_tiles(h, ks[0], dil[0], tile)
+    ax = _axis_tiles(w, ks[1], dil[1], tile)
+    allowed, index = _tiled_bias_index(h, w, ks, dil, tile, None if rpb is None else 2 * ks[1] - 1)
+    qy, qx, ky, kx = (t.to(dev) for t in (ay.q_idx, ax.q_idx, ay.k_idx, ax.k_idx))
+    qt = _gather_tiles(q, qy, qx)
+    kt = _gather_tiles(k, ky, kx)
+    vt = _gather_tiles(v, ky, kx)
+    scores = qt @ kt.transpose(-1, -2)  # [B, h, ny, nx, Tq*Tq, U*U]
+    if rpb is not None:
+        scores = scores + rpb.reshape(heads, -1)[:, index.to(dev).long()]
+    scores = scores.masked_fill(~allowed.to(dev), float("-inf"))
+    out = scores.softmax(dim=-1) @ vt  # [B, h, ny, nx, Tqy*Tqx, D]
+    ny, tqy = ay.q_idx.shape
+    nx, tqx = ax.q_idx.shape
+    out = out.reshape(b, heads, ny, nx, tqy, tqx, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, heads, ny * tqy, nx * tqx, d)
+    return out.index_select(2, ay.inv.to(dev)).index_select(3, ax.inv.to(dev))
+
+
+# ---- flex attention ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=128)
+def _flex_layout(h: int, w: int, ks: tuple, dil: tuple, tile: int):
+    """Token order for flex attention and per-token window data, as CPU tensors.
+
+    Tokens are ordered by (dilation group y, group x, tile y, tile x, row in tile, col in tile), so
+    every query tile and its key block are contiguous runs; block masks then stay sparse.
+    """
+    gy, jy, sy = _axis_window(h, ks[0], dil[0])
+    gx, jx, sx = _axis_window(w, ks[1], dil[1])
+    yy = torch.arange(h)[:, None].expand(h, w).reshape(-1)
+    xx = torch.arange(w)[None, :].expand(h, w).reshape(-1)
+    key = (
+        ((gy[yy] * dil[1] + gx[xx]) * h + jy[yy] // tile) * w
+        + jx[xx] // tile
+    ) * (tile * tile) + (jy[yy] % tile) * tile + jx[xx] % tile
+    perm = torch.argsort(key)  # new position -> original flat pixel
+    info = torch.stack(
+        [gy[yy], jy[yy], sy[yy], gx[xx], jx[xx], sx[xx]], dim=0
+    )[:, perm].contiguous()  # [6, N] per token in new order
+    inv = torch.argsort(perm)
+    return perm, inv, info
+
+
+_FLEX_CACHE: dict = {}
+
+
+def _flex_fns():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    return create_block_mask, flex_attention
+
+
+def _na2d_flex(q: Tensor, k: Tensor, v: Tensor, ks, dil, rpb: Tensor | None, scale: float, tile: int = DEFAULT_TILE) -> Tensor:
+    create_block_mask, flex_attention = _flex_fns()
+    b, heads, h, w, d = q.shape
+    dev = q.device
+    perm, inv, info = _flex_layout(h, w, ks, dil, tile)
+    perm, inv, info = perm.to(dev), inv.to(dev), info.to(dev)
+    gy, jy, sy, gx, jx, sx = info.unbind(0)
+    kyk, kxk = ks
+
+    def mask_mod(b_, h_, qi, ki):
+        return (
+            (gy[qi] == gy[ki])
+            & (gx[qi] == gx[ki])
+            & (jy[ki] >= sy[qi])
+            & (jy[ki] < sy[qi] + kyk)
+            & (jx[ki] >= sx[qi])
+            & (jx[ki] < sx[qi] + kxk)
+        )
+
+    n = h * w
+    cache_key = (h, w, ks, dil, tile, str(dev))
+    block_mask = _FLEX_CACHE.get(cache_key)
+    if block_mask is None:
+        block_mask = create_block_mask(mask_mod, None, None, n, n, device=dev)
+        _FLEX_CACHE[cache_key] = block_mask
+
+    score_mod = None
+    if rpb is not None:
+        table_w = 2 * kxk - 1
+
+        def score_mod(score, b_, h_, qi, ki):
+            ry = (jy[ki] - jy[qi] + kyk - 1).clamp(0, 2 * kyk - 2)
+            rx = (jx[ki] - jx[qi] + kxk - 1).clamp(0, 2 * kxk - 2)
+            return score + rpb_flat[h_, ry * table_w + rx]
+
+        rpb_flat = rpb.reshape(heads, -1).to(q.dtype)
+
+    def flat(t):
+        return t.reshape(b, heads, n, d).index_select(2, perm)
+
+    fn = flex_attention
+    if dev.type == "cuda":
+        fn = _compiled_flex()
+    out = fn(flat(q), flat(k), flat(v), score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return out.index_select(2, inv).reshape(b, heads, h, w, d)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    _, flex_attention = _flex_fns()
+    return torch.compile(flex_attention, dynamic=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Public function and backend choice
+# --------------------------------------------------------------------------------------------
+
+
+def _flex_importable() -> bool:
+    try:
+        _flex_fns()
+    except Exception:  # pragma: no cover - depends on the torch build
+        return False
+    return True
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends usable on ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    names = ["reference", "tiled"]
+    if _flex_importable() and (device.type != "cuda" or torch.cuda.is_available()):
+        names.append("flex")
+    return names
+
+
+def choose_backend(q: Tensor) -> str:
+    """The backend ``na2d(backend="auto")`` uses for a tensor like ``q``.
+
+    flex_attention on CUDA for float16/bfloat16/float32 (its compiled kernels cover those), the
+    tiled path everywhere else (CPU, float64).
+    """
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and _flex_importable():
+        return "flex"
+    return "tiled"
+
+
+def na2d(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size,
+    dilation=1,
+    rpb: Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """2-D neighborhood attention.
+
+    Args:
+        q, k, v: ``[B, heads, H, W, head_dim]``; same shape, dtype and device.
+        kernel_size: window edge, an int or a ``(y, x)`` pair; odd, or equal to the map
+            (full attention, e.g. kernel 4 on a 4 x 4 map).
+        dilation: step between window keys, an int or a ``(y, x)`` pair; kernel * dilation
+            must not exceed the map on that axis.
+        rpb: relative-position bias ``[heads, 2*ky-1, 2*kx-1]`` or None.
+        scale: multiplies q; default ``head_dim ** -0.5``.
+        backend: ``"auto"`` or one of :data:`BACKENDS`.
+
+    Returns:
+        ``[B, heads, H, W, head_dim]``, differentiable in q, k, v and rpb.
+    """
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        raise ValueError("q, k and v must be tensors")
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    ks, dil = check_na_args(q.shape, kernel_size, dilation, None if rpb is None else rpb.shape)
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device:
+        raise ValueError("q, k, v must share dtype and device")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if rpb is not None:
+        rpb = rpb.to(dtype=q.dtype)
+    if backend == "auto":
+        backend = choose_backend(q)
+    if backend == "flex":
+        return _na2d_flex(q, k, v, ks, dil, rpb, float(scale))
+    q = q * scale
+    if backend == "tiled":
+        return _na2d_tiled(q, k, v, ks, dil, rpb)
+    if backend == "reference":
+        return _na2d_reference(q, k, v, ks, dil, rpb)
+    raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+
+
+# --------------------------------------------------------------------------------------------
+# Hydra neighborhood attention
+# --------------------------------------------------------------------------------------------
+
+
+def split_heads(num_heads: int, num_groups: int) -> list[int]:
+    """Heads per group: contiguous split; the LAST ``num_heads % num_groups`` groups get one extra."""
+    if num_groups < 1 or num_heads < num_groups:
+        raise ValueError(f"cannot split {num_heads} heads into {num_groups} groups (need at least one head each)")
+    base, extra = divmod(num_heads, num_groups)
+    return [base + (1 if p >= num_groups - extra else 0) for p in range(num_groups)]
+
+
+def _broadcast(values, n: int, name: str) -> list:
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries but there are {n} head groups")
+    return values
+
+
+class HydraNeighborhoodAttention(nn.Module):
+    """Multi-head attention whose head groups each run NA with their own kernel and dilation.
+
+    Args:
+        dim: channels C of the ``[B, H, W, C]`` input and output.
+        num_heads: total heads; head_dim = dim // num_heads.
+        kernel_sizes: a sequence with one kernel per head group, each an int or a (y, x) pair;
+            a bare int or a one-element sequence broadcasts to every group.
+        dilations: one dilation per head group; broadcasts likewise.
+        qkv_bias: bias on the fused qkv projection.
+        legacy_rpb_names: store the biases as ``rpb0``, ``rpb1``, ... (the released FFHQ
+            checkpoints) instead of the list ``rpb.0``, ``rpb.1``, ...
+        backend: passed to :func:`na2d`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_sizes=7,
+        dilations=1,
+        qkv_bias: bool = True,
+        legacy_rpb_names: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        ks_list = list(kernel_sizes) if isinstance(kernel_sizes, (list, tuple)) else [kernel_sizes]
+        dil_list = list(dilations) if isinstance(dilations, (list, tuple)) else [dilations]
+        groups = max(len(ks_list), len(dil_list))
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.kernel_sizes = [_pair(k, "kernel_size") for k in _broadcast(ks_list, groups, "kernel_sizes")]
+        self.dilations = [_pair(d, "dilation") for d in _broadcast(dil_list, groups, "dilations")]
+        self.group_heads = split_heads(num_heads, groups)
+        self.legacy_rpb_names = legacy_rpb_names
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        tables = [
+            nn.Parameter(torch.zeros(nh, 2 * ky - 1, 2 * kx - 1))
+            for nh, (ky, kx) in zip(self.group_heads, self.kernel_sizes)
+        ]
+        for t in tables:
+            nn.init.trunc_normal_(t, std=0.02)
+        if legacy_rpb_names:
+            for i, t in enumerate(tables):
+                self.register_parameter(f"rpb{i}", t)
+        else:
+            self.rpb = nn.ParameterList(tables)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_heads)
+
+    def rpb_tables(self) -> list[Tensor]:
+        if self.legacy_rpb_names:
+            return [getattr(self, f"rpb{i}") for i in range(self.num_groups)]
+        return list(self.rpb)
+
+    def check_input_size(self, h: int, w: int) -> None:
+        """Raise ValueError if some head group's kernel/dilation does not fit an H x W map."""
+        for nh, ks, dil in zip(self.group_heads, self.kernel_sizes, self.dilations):
+            check_na_args((1, nh, h, w, self.head_dim), ks, dil)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """[B, H, W, C] -> q, k, v each [B, heads, H, W, head_dim]."""
+        b, h, w, c = x.shape
+        qkv = self.qkv(x).reshape(b, h, w, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+        return q, k, v
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        if c != self.dim:
+            raise ValueError(f"expected {self.dim} channels in the last dimension, got {c}")
+        q, k, v = self.qkv_heads(x)
+        outs = []
+        start = 0
+        for nh, ks, dil, table in zip(self.group_heads, self.kernel_sizes, self.dilations, self.rpb_tables()):
+            sl = slice(start, start + nh)
+            outs.append(na2d(q[:, sl], k[:, sl], v[:, sl], ks, dil, rpb=table, scale=self.scale, backend=self.backend))
+            start += nh
+        out = torch.cat(outs, dim=1).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
+        return self.proj(out)
+
