@@ -1,0 +1,197 @@
+"""The dataset tool: any folder or zip of images -> a clean folder or zip of square RGB PNGs.
+
+The output holds `00000000.png`, `00000001.png`, ... (sources in sorted relative-path order) and a
+`dataset.json` describing it (size, count, filter, crop, source, the source of every output and
+the files skipped with the reason). It is built under a temporary name beside DST and renamed into
+place at the end, so an interrupted run never leaves a DST that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import UnidentifiedImageError
+
+from stylenat.data.images import check_resize_options, decode_image, square_resize
+from stylenat.data.sources import FileSource
+
+DATASET_FORMAT = "stylenat-dataset"
+DATASET_JSON = "dataset.json"
+
+
+def output_name(index: int) -> str:
+    """File name of image `index` inside a prepared dataset."""
+    return f"{index:08d}.png"
+
+
+@dataclass
+class PrepareReport:
+    """What `prepare_dataset` did: where, how many images, and which files it skipped and why."""
+
+    dst: Path
+    size: int
+    count: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative source name, reason)
+
+    @property
+    def report_path(self) -> str:
+        """Where the dataset.json listing the skipped files is ("archive.zip:dataset.json" in a zip)."""
+        return f"{self.dst}:{DATASET_JSON}" if _is_zip_path(self.dst) else str(self.dst / DATASET_JSON)
+
+    def summary(self) -> str:
+        return f"{self.count} written, {len(self.skipped)} skipped; report: {self.report_path}"
+
+
+def _is_zip_path(path: Path) -> bool:
+    return path.suffix.lower() == ".zip"
+
+
+def _skip_reason(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (format not recognised)"
+    return f"unreadable ({type(exc).__name__}: {exc})"
+
+
+def _convert(source: FileSource, size: int, filter: str, crop: str, name: str) -> tuple[bytes | None, str]:
+    """PNG bytes of source file `name` made square, or (None, why it was skipped)."""
+    try:
+        img = square_resize(decode_image(source.read(name)), size, filter, crop)
+    except Exception as exc:  # a bad file of any kind must be reported, not end the run
+        return None, _skip_reason(exc)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue(), ""
+
+
+class _Progress:
+    """One-line progress on stderr: redrawn in place on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.tty = sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+
+    def tick(self, done: int, skipped: int) -> None:
+        now = time.monotonic()
+        final = done == self.total
+        if not self.enabled or (not final and now - self.last < (0.2 if self.tty else 5.0)):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        line = f"prepare: {done}/{self.total} files ({100 * done / self.total:.0f}%), {skipped} skipped, {rate:.0f} files/s"
+        end = "\n" if final or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+class _Writer:
+    """Writes the output under a temporary sibling path and moves it onto `dst` only in `commit`."""
+
+    def __init__(self, dst: Path):
+        self.dst = dst
+        self.tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+        self.is_zip = _is_zip_path(dst)
+        if self.is_zip:
+            # PNG data is already deflated; storing it avoids paying for compression twice.
+            self.zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
+        else:
+            self.tmp.mkdir()
+
+    def write(self, name: str, data: bytes) -> None:
+        if self.is_zip:
+            self.zip.writestr(name, data)
+        else:
+            (self.tmp / name).write_bytes(data)
+
+    def commit(self) -> None:
+        if self.is_zip:
+            self.zip.close()
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(self.tmp, self.dst)
+
+    def abort(self) -> None:
+        if self.is_zip:
+            self.zip.close()
+            self.tmp.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ordered_map(workers: int):
+    """A `map` that keeps input order: the builtin when workers <= 1, else over `workers` processes."""
+    if workers <= 1:
+        yield map
+        return
+    pool = ProcessPoolExecutor(workers)
+    try:
+        yield functools.partial(pool.map, chunksize=16)
+    finally:
+        # On an error or Ctrl-C, queued files are dropped instead of being converted for nothing.
+        pool.shutdown(cancel_futures=True)
+
+
+def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size: int, filter: str = "lanczos",
+                    crop: str = "center", *, workers: int = 1, progress: bool = True) -> PrepareReport:
+    """Convert every image under `src` into a `size` x `size` RGB PNG dataset at `dst`.
+
+    src: folder (searched recursively) or zip of images in any format Pillow reads;
+    dst: output folder, or a zip file when it ends in ".zip"; must not exist yet;
+    size: output side in pixels; filter: resampling filter, "lanczos", "box" or "bicubic";
+    crop: "center" (largest centred square) or "none" (non-square images are skipped);
+    workers: processes decoding in parallel (1 = in this process); progress: print progress to stderr.
+    Files that are not images or fail to decode are skipped and listed in the report.
+    """
+    check_resize_options(size, filter, crop)
+    source = FileSource(src)
+    if not source.names:
+        raise ValueError(f"no files found in {source.path}")
+    dst = Path(dst)
+    if dst.exists():
+        raise ValueError(f"{dst} already exists; remove it or choose another destination")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+
+    convert = functools.partial(_convert, source, size, filter, crop)
+    report = PrepareReport(dst=dst, size=size, count=0)
+    sources, digest = [], hashlib.sha1()
+    ticker = _Progress(len(source.names), progress)
+    writer = _Writer(dst)
+    try:
+        with _ordered_map(workers) as pmap:
+            results = pmap(convert, source.names)
+            for done, (name, (png, reason)) in enumerate(zip(source.names, results), 1):
+                if png is None:
+                    report.skipped.append((name, reason))
+                else:
+                    writer.write(output_name(report.count), png)
+                    digest.update(png)
+                    sources.append(name)
+                    report.count += 1
+                ticker.tick(done, len(report.skipped))
+        if report.count == 0:
+            raise ValueError(f"no images found in {source.path} ({len(report.skipped)} files could not be read)")
+        meta = {
+            "format": DATASET_FORMAT, "version": 1, "size": size, "count": report.count,
+            "filter": filter, "crop": crop, "source": str(source.path.resolve()),
+            "content_sha1": digest.hexdigest(), "sources": sources,
+            "skipped": [{"file": n, "reason": r} for n, r in report.skipped],
+        }
+        writer.write(DATASET_JSON, json.dumps(meta, indent=1).encode())
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return report
+

@@ -1,0 +1,191 @@
+"""The dataset tool against Pillow itself and closed forms: conversions, crops, filters, zips, reports."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stylenat.cli import main
+from stylenat.data import prepare, prepare_dataset
+from stylenat.data.images import decode_image
+
+S = 16
+RNG = np.random.default_rng(0)
+
+
+def noise(h: int, w: int, channels: int = 3) -> np.ndarray:
+    return RNG.integers(0, 256, (h, w, channels) if channels > 1 else (h, w), dtype=np.uint8)
+
+
+def read_output(dst: Path, index: int) -> np.ndarray:
+    name = f"{index:08d}.png"
+    if dst.suffix == ".zip":
+        with zipfile.ZipFile(dst) as zf:
+            return np.asarray(Image.open(io.BytesIO(zf.read(name))))
+    return np.asarray(Image.open(dst / name))
+
+
+def read_meta(dst: Path) -> dict:
+    if dst.suffix == ".zip":
+        with zipfile.ZipFile(dst) as zf:
+            return json.loads(zf.read("dataset.json"))
+    return json.loads((dst / "dataset.json").read_text())
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    """One RGB (non-square), one grayscale (in a subfolder), one RGBA, one CMYK JPEG, a truncated
+    PNG and a text file: exactly four images should come out and two files be reported."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(noise(30, 40)).save(src / "a_rgb.png")
+    Image.fromarray(noise(S, S, 1)).save(src / "sub" / "b_gray.png")
+    rgba = np.concatenate([np.full((S, S, 3), (200, 40, 10), np.uint8), np.full((S, S, 1), 128, np.uint8)], axis=2)
+    Image.fromarray(rgba).save(src / "c_rgba.png")
+    Image.new("CMYK", (S, S), (20, 180, 60, 10)).save(src / "d_cmyk.jpg")
+    buf = io.BytesIO()
+    Image.fromarray(noise(64, 64)).save(buf, format="PNG")
+    (src / "e_truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (src / "f_notes.txt").write_text("not an image")
+    return src
+
+
+def test_mixed_folder_converts_good_files_and_reports_bad_ones(mixed_folder, tmp_path, pillow_center_resize):
+    dst = tmp_path / "out"
+    report = prepare_dataset(mixed_folder, dst, S, progress=False)
+    assert report.count == 4
+    assert [name for name, _ in report.skipped] == ["e_truncated.png", "f_notes.txt"]
+    assert "truncated" in report.skipped[0][1] and "not an image" in report.skipped[1][1]
+    meta = read_meta(dst)
+    assert meta["size"] == S and meta["count"] == 4 and meta["filter"] == "lanczos" and meta["crop"] == "center"
+    assert meta["sources"] == ["a_rgb.png", "c_rgba.png", "d_cmyk.jpg", "sub/b_gray.png"]
+    assert [s["file"] for s in meta["skipped"]] == ["e_truncated.png", "f_notes.txt"]
+    for i in range(4):
+        out = read_output(dst, i)
+        assert out.shape == (S, S, 3) and out.dtype == np.uint8
+
+    np.testing.assert_array_equal(read_output(dst, 0), pillow_center_resize(Image.open(mixed_folder / "a_rgb.png"), S))
+    # RGBA on white, closed form: c * a + 255 * (1 - a), a = 128/255.
+    expected = np.rint(np.array([200, 40, 10]) * 128 / 255 + 255 * 127 / 255)
+    np.testing.assert_allclose(read_output(dst, 1), np.broadcast_to(expected, (S, S, 3)), atol=1)
+    cmyk = np.asarray(Image.open(mixed_folder / "d_cmyk.jpg").convert("RGB"))
+    np.testing.assert_array_equal(read_output(dst, 2), cmyk)
+    gray = np.asarray(Image.open(mixed_folder / "sub" / "b_gray.png"))
+    np.testing.assert_array_equal(read_output(dst, 3), np.stack([gray] * 3, axis=2))
+
+
+def test_zip_in_zip_out_matches_folder_in_folder_out(mixed_folder, tmp_path):
+    src_zip = tmp_path / "src.zip"
+    with zipfile.ZipFile(src_zip, "w") as zf:
+        for path in sorted(mixed_folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(mixed_folder).as_posix())
+    from_folder = prepare_dataset(mixed_folder, tmp_path / "a", S, progress=False)
+    from_zip = prepare_dataset(src_zip, tmp_path / "b.zip", S, progress=False, workers=2)
+    assert from_zip.count == from_folder.count == 4
+    assert from_zip.skipped == from_folder.skipped
+    with zipfile.ZipFile(tmp_path / "b.zip") as zf:
+        assert sorted(zf.namelist()) == sorted(p.name for p in (tmp_path / "a").iterdir())
+    for i in range(4):
+        np.testing.assert_array_equal(read_output(tmp_path / "b.zip", i), read_output(tmp_path / "a", i))
+    assert read_meta(tmp_path / "b.zip")["content_sha1"] == read_meta(tmp_path / "a")["content_sha1"]
+
+
+@pytest.mark.parametrize("name, resample", [("lanczos", Image.Resampling.LANCZOS), ("box", Image.Resampling.BOX),
+                                            ("bicubic", Image.Resampling.BICUBIC)])
+def test_filters_match_pillow_and_differ(tmp_path, name, resample, pillow_center_resize):
+    src = tmp_path / "src"
+    src.mkdir()
+    img = Image.fromarray(noise(48, 72))
+    img.save(src / "x.png")
+    prepare_dataset(src, tmp_path / name, 12, filter=name, progress=False)
+    out = read_output(tmp_path / name, 0)
+    np.testing.assert_array_equal(out, pillow_center_resize(img, 12, resample))
+    other = Image.Resampling.BOX if name != "box" else Image.Resampling.LANCZOS
+    assert not np.array_equal(out, pillow_center_resize(img, 12, other))
+
+
+def test_crop_none_skips_non_square(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(noise(20, 30)).save(src / "wide.png")
+    Image.fromarray(noise(20, 20)).save(src / "square.png")
+    report = prepare_dataset(src, tmp_path / "out", 10, crop="none", progress=False)
+    assert report.count == 1 and report.skipped[0][0] == "wide.png" and "not square" in report.skipped[0][1]
+
+
+def test_sixteen_bit_palette_exif_and_gif_conversions():
+    def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    values = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)  # 0..65535 in 256 steps
+    sixteen = decode_image(encode(Image.fromarray(values)))
+    np.testing.assert_array_equal(np.asarray(sixteen)[..., 0], values // 257)
+
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.putpixel((0, 0), 0)
+    pal_rgb = np.asarray(decode_image(encode(pal, transparency=0)))
+    assert tuple(pal_rgb[0, 0]) == (255, 255, 255) and tuple(pal_rgb[1, 1]) == (255, 0, 0)
+
+    arr = noise(6, 10)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: the stored image must be turned 90 degrees clockwise
+    upright = decode_image(encode(Image.fromarray(arr), exif=exif.tobytes()))
+    np.testing.assert_array_equal(np.asarray(upright), np.rot90(arr, k=-1))
+
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert tuple(np.asarray(decode_image(gif))[0, 0]) == (255, 0, 0)
+
+
+def test_interrupted_run_leaves_no_destination(mixed_folder, tmp_path, monkeypatch):
+    calls = []
+
+    def failing_convert(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    real = prepare._convert
+    monkeypatch.setattr(prepare, "_convert", failing_convert)
+    for dst in (tmp_path / "out", tmp_path / "out.zip"):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            prepare_dataset(mixed_folder, dst, S, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_user_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        prepare_dataset(tmp_path / "missing", tmp_path / "out", S)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no files found"):
+        prepare_dataset(tmp_path / "empty", tmp_path / "out", S)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="no images found"):
+        prepare_dataset(tmp_path / "junk", tmp_path / "out", S, progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="already exists"):
+        prepare_dataset(tmp_path / "junk", tmp_path / "empty", S)
+    with pytest.raises(ValueError, match="unknown filter"):
+        prepare_dataset(tmp_path / "junk", tmp_path / "out", S, filter="nearest")
+
+
+def test_cli_prepare(mixed_folder, tmp_path, capsys):
+    assert main(["prepare", str(mixed_folder), str(tmp_path / "out.zip"), "--size", str(S), "--filter", "box"]) == 0
+    out = capsys.readouterr().out
+    assert "4 written, 2 skipped" in out and "out.zip:dataset.json" in out
+    assert read_meta(tmp_path / "out.zip")["filter"] == "box"
+    assert main(["prepare", str(tmp_path / "missing"), str(tmp_path / "x"), "--size", "8"]) == 2
+    assert "no such file" in capsys.readouterr().err
