@@ -29,7 +29,7 @@ One function, :func:`na2d`, runs every backend:
 from __future__ import annotations
 
 import functools
-import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -163,28 +163,22 @@ def _axis_tiles(length: int, kernel: int, dilation: int, tile: int) -> _AxisTile
 
 
 @functools.lru_cache(maxsize=128)
-def _tiled_bias_index(h: int, w: int, ks: tuple, dil: tuple, tile: int, table_w: int | None):
-    """Mask and flat rpb index of every (tile, query slot, key slot), in score layout.
+def _tiled_bias_index(h: int, w: int, ks: tuple, dil: tuple, tile: int) -> Tensor:
+    """Flat bias-table index of every (tile y, tile x, query slot, key slot), in score layout.
 
-    Returns (allowed [ny, nx, Tqy*Tqx, Uy*Ux] bool, flat index or None).
+    Shape [ny, nx, Tqy*Tqx, Uy*Ux], int32. Entries outside the window point one past the
+    (2ky-1)*(2kx-1) table, where the caller appends -inf: the mask costs no pass of its own.
     """
     ay = _axis_tiles(h, ks[0], dil[0], tile)
     ax = _axis_tiles(w, ks[1], dil[1], tile)
     ny, tqy, uy = ay.mask.shape
     nx, tqx, ux = ax.mask.shape
-
-    def grid(a: Tensor, b: Tensor) -> Tensor:  # [ny,Tqy,Uy] x [nx,Tqx,Ux] -> [ny,nx,Tqy*Tqx,Uy*Ux]
-        out = a[:, None, :, None, :, None] * b[None, :, None, :, None, :]
-        return out.reshape(ny, nx, tqy * tqx, uy * ux)
-
-    allowed = grid(ay.mask.to(torch.int32), ax.mask.to(torch.int32)).bool()
-    index = None
-    if table_w is not None:
-        index = (ay.rel[:, None, :, None, :, None] * table_w + ax.rel[None, :, None, :, None, :]).reshape(
-            ny, nx, tqy * tqx, uy * ux
-        )
-        index = torch.where(allowed, index, 0).to(torch.int32)
-    return allowed, index
+    table_w = 2 * ks[1] - 1
+    outside = (2 * ks[0] - 1) * table_w
+    allowed = ay.mask[:, None, :, None, :, None] & ax.mask[None, :, None, :, None, :]
+    index = ay.rel[:, None, :, None, :, None] * table_w + ax.rel[None, :, None, :, None, :]
+    index = torch.where(allowed, index, outside)
+    return index.reshape(ny, nx, tqy * tqx, uy * ux).to(torch.int32).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,15 +215,16 @@ def _na2d_tiled(q: Tensor, k: Tensor, v: Tensor, ks, dil, rpb: Tensor | None, ti
     dev = q.device
     ay = _axis_tiles(h, ks[0], dil[0], tile)
     ax = _axis_tiles(w, ks[1], dil[1], tile)
-    allowed, index = _tiled_bias_index(h, w, ks, dil, tile, None if rpb is None else 2 * ks[1] - 1)
+    index = _tiled_bias_index(h, w, ks, dil, tile)
     qy, qx, ky, kx = (t.to(dev) for t in (ay.q_idx, ax.q_idx, ay.k_idx, ax.k_idx))
     qt = _gather_tiles(q, qy, qx)
     kt = _gather_tiles(k, ky, kx)
     vt = _gather_tiles(v, ky, kx)
-    scores = qt @ kt.transpose(-1, -2)  # [B, h, ny, nx, Tq*Tq, U*U]
-    if rpb is not None:
-        scores = scores + rpb.reshape(heads, -1)[:, index.to(dev).long()]
-    scores = scores.masked_fill(~allowed.to(dev), float("-inf"))
+    # Bias table (one shared zero row without rpb) plus a -inf entry for keys outside the window.
+    table = rpb.reshape(heads, -1) if rpb is not None else q.new_zeros(1, (2 * ks[0] - 1) * (2 * ks[1] - 1))
+    table = torch.cat([table, table.new_full((table.shape[0], 1), float("-inf"))], dim=1)
+    bias = table.index_select(1, index.to(dev).reshape(-1)).reshape(table.shape[0], *index.shape)
+    scores = torch.matmul(qt, kt.transpose(-1, -2)) + bias  # [B, h, ny, nx, Tqy*Tqx, Uy*Ux]
     out = scores.softmax(dim=-1) @ vt  # [B, h, ny, nx, Tqy*Tqx, D]
     ny, tqy = ay.q_idx.shape
     nx, tqx = ax.q_idx.shape
@@ -295,7 +290,8 @@ def _na2d_flex(q: Tensor, k: Tensor, v: Tensor, ks, dil, rpb: Tensor | None, sca
     cache_key = (h, w, ks, dil, tile, str(dev))
     block_mask = _FLEX_CACHE.get(cache_key)
     if block_mask is None:
-        block_mask = create_block_mask(mask_mod, None, None, n, n, device=dev)
+        # Compiled on CUDA so the mask is evaluated block by block, never as an N x N tensor.
+        block_mask = create_block_mask(mask_mod, None, None, n, n, device=dev, _compile=dev.type == "cuda")
         _FLEX_CACHE[cache_key] = block_mask
 
     score_mod = None
@@ -312,10 +308,13 @@ def _na2d_flex(q: Tensor, k: Tensor, v: Tensor, ks, dil, rpb: Tensor | None, sca
     def flat(t):
         return t.reshape(b, heads, n, d).index_select(2, perm)
 
-    fn = flex_attention
     if dev.type == "cuda":
-        fn = _compiled_flex()
-    out = fn(flat(q), flat(k), flat(v), score_mod=score_mod, block_mask=block_mask, scale=scale)
+        out = _compiled_flex()(flat(q), flat(k), flat(v), score_mod=score_mod, block_mask=block_mask, scale=scale)
+    else:
+        # Off CUDA flex runs its unfused eager path; that is deliberate (tests), so mute its advice.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = flex_attention(flat(q), flat(k), flat(v), score_mod=score_mod, block_mask=block_mask, scale=scale)
     return out.index_select(2, inv).reshape(b, heads, h, w, d)
 
 
