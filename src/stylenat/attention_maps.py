@@ -1,0 +1,181 @@
+"""Where each head group of the generator looks: the exact attention weights at one query pixel.
+
+The weights are recomputed from the real q, k, v of each Hydra-NA layer (captured with forward
+hooks during one synthesis pass) and the window rule of the SPEC, independently of the na2d
+backends; the tests check them against na2d's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from stylenat.nn.attention import HydraNeighborhoodAttention
+
+__all__ = ["axis_window", "attention_weights", "AttentionMap", "attention_maps", "render_attention_maps"]
+
+
+def axis_window(length: int, kernel: int, dilation: int, i: int) -> tuple[list[int], list[int]]:
+    """The keys pixel ``i`` of an axis sees: (key pixels, their bias offsets key_sub - i_sub + kernel - 1).
+
+    Rule (SPEC "Neighborhood attention, exactly"): group g = i mod d, sub-position j = i div d,
+    group length ceil((L - g) / d), window start clamp(j - k // 2, 0, group length - k).
+    """
+    g, j = i % dilation, i // dilation
+    group_len = -(-(length - g) // dilation)
+    start = min(max(j - kernel // 2, 0), group_len - kernel)
+    subs = range(start, start + kernel)
+    return [t * dilation + g for t in subs], [t - j + kernel - 1 for t in subs]
+
+
+def attention_weights(attn: HydraNeighborhoodAttention, x: Tensor, y: int, x_pos: int) -> list[Tensor]:
+    """Softmax weights of query pixel (y, x_pos) in every head group of ``attn``.
+
+    Args:
+        attn: the Hydra-NA layer. x: its input [B, H, W, C]. y, x_pos: the query pixel.
+    Returns:
+        per head group, [B, heads_in_group, H, W]: the weight of every key pixel, zero outside
+        the group's window; each head's weights sum to 1.
+    """
+    b, h, w, _ = x.shape
+    if not (0 <= y < h and 0 <= x_pos < w):
+        raise ValueError(f"query pixel ({y}, {x_pos}) is outside the {h}x{w} map")
+    q, k, _ = attn.qkv_heads(x)
+    out, start = [], 0
+    for nh, (ky, kx), (dy, dx), table in zip(attn.group_heads, attn.kernel_sizes, attn.dilations, attn.rpb_tables()):
+        heads = slice(start, start + nh)
+        rows, rel_y = axis_window(h, ky, dy, y)
+        cols, rel_x = axis_window(w, kx, dx, x_pos)
+        keys = k[:, heads][:, :, rows][:, :, :, cols]  # [B, nh, ky, kx, D]
+        query = q[:, heads, y, x_pos] * attn.scale  # [B, nh, D]
+        scores = torch.einsum("bhd,bhyxd->bhyx", query, keys)
+        scores = scores + table[:, rel_y][:, :, rel_x].to(scores.dtype)
+        probs = scores.flatten(2).softmax(-1).view_as(scores)
+        full = scores.new_zeros(b, nh, h, w)
+        full[:, :, torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = probs
+        out.append(full)
+        start += nh
+    return out
+
+
+@dataclass
+class AttentionMap:
+    """Attention of one head group of one block at one query pixel.
+
+    resolution: the stage's map edge; block: 0 or 1 within the stage; group: head-group index;
+    kernel, dilation: the group's (y, x) window; query: the pixel (y, x) at this resolution;
+    weights: [heads_in_group, resolution, resolution] for the first image of the batch.
+    """
+
+    resolution: int
+    block: int
+    group: int
+    kernel: tuple[int, int]
+    dilation: tuple[int, int]
+    query: tuple[int, int]
+    weights: Tensor
+
+
+@torch.no_grad()
+def attention_maps(g: nn.Module, seed: int, pixel: tuple[int, int], resolutions: Sequence[int] | None = None,
+                   truncation_psi: float = 1.0) -> tuple[Tensor, list[AttentionMap]]:
+    """Generate the image of ``seed`` and read every head group's attention at one of its pixels.
+
+    Args:
+        g: a stylenat generator. seed: the image's seed (as in :func:`stylenat.sampling.generate`).
+        pixel: (y, x) in output-image pixels; at a stage of resolution r it is (y * r // S, x * r // S).
+        resolutions: stages to read (default all). truncation_psi: as in generate.
+    Returns:
+        (the image, uint8 [3, S, S]; the maps, stage by stage, block by block, group by group).
+    """
+    from stylenat.models import model_to_uint8
+    from stylenat.sampling import seeds_to_w
+
+    size = g.resolution
+    py, px = pixel
+    if not (0 <= py < size and 0 <= px < size):
+        raise ValueError(f"pixel ({py}, {px}) is outside the {size}x{size} image")
+    stages = {4 * 2**s: stage for s, stage in enumerate(g.synthesis.stages)}
+    wanted = sorted(stages) if resolutions is None else sorted(set(resolutions))
+    unknown = [r for r in wanted if r not in stages]
+    if unknown:
+        raise ValueError(f"no stage at resolution(s) {unknown}; this model has {sorted(stages)}")
+    captured: dict[tuple[int, int], Tensor] = {}
+    hooks = [
+        block.attn.register_forward_pre_hook(lambda m, args, key=(r, j): captured.__setitem__(key, args[0]))
+        for r in wanted for j, block in enumerate(stages[r].blocks)
+    ]
+    try:
+        w = seeds_to_w(g, [seed], truncation_psi)
+        raw = g.synthesis(w[:, None].expand(-1, g.num_ws, -1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    maps = []
+    for r in wanted:
+        query = (py * r // size, px * r // size)
+        for j, block in enumerate(stages[r].blocks):
+            attn = block.attn
+            for p, weights in enumerate(attention_weights(attn, captured[(r, j)][:1], *query)):
+                maps.append(AttentionMap(r, j, p, attn.kernel_sizes[p], attn.dilations[p], query, weights[0].float().cpu()))
+    return model_to_uint8(raw, g.config)[0].cpu(), maps
+
+
+def _heat_colors(v: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] [H, W] -> RGB float [H, W, 3]: black, red, yellow, white (a 'hot' ramp)."""
+    return np.clip(np.stack([3 * v, 3 * v - 1, 3 * v - 2], axis=-1), 0, 1)
+
+
+def _label(cell: np.ndarray, text: str) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(cell)
+    draw = ImageDraw.Draw(img)
+    *_, right, bottom = draw.textbbox((2, 1), text)
+    draw.rectangle((0, 0, right + 2, bottom + 1), fill=(0, 0, 0))
+    draw.text((2, 1), text, fill=(255, 255, 255))
+    return np.asarray(img)
+
+
+def render_attention_maps(image: Tensor, maps: list[AttentionMap], pixel: tuple[int, int],
+                          cell: int = 128) -> tuple[np.ndarray, tuple[int, int]]:
+    """Draw the maps as a grid of heat maps over the image.
+
+    One row per (resolution, block); column 0 is the image with the query pixel marked, then one
+    cell per head group: its heads' weights averaged, scaled to the cell's maximum, blown up
+    (nearest) to ``cell`` pixels and laid over a dimmed copy of the image. Each cell is labelled.
+
+    Args:
+        image: uint8 [3, S, S]. maps: from :func:`attention_maps`. pixel: the query (y, x) in
+        image pixels. cell: edge of each cell in pixels.
+    Returns:
+        (uint8 cells [rows * cols, 3, cell, cell] in row-major order, (rows, cols)), for
+        :func:`stylenat.data.images.save_image_grid`.
+    """
+    from PIL import Image
+
+    size = image.shape[-1]
+    base = np.asarray(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((cell, cell), Image.Resampling.BILINEAR))
+    marked = base.copy()
+    cy, cx = (pixel[0] * cell) // size, (pixel[1] * cell) // size
+    marked[max(cy - 2, 0):cy + 3, max(cx - 2, 0):cx + 3] = (0, 255, 0)
+    rows: dict[tuple[int, int], list[np.ndarray]] = {}
+    for m in maps:
+        row = rows.setdefault((m.resolution, m.block), [_label(marked, f"{m.resolution}x{m.resolution} block {m.block}")])
+        heat = m.weights.mean(0).numpy()
+        heat = heat / max(float(heat.max()), 1e-12)
+        # Nearest keeps each key pixel a crisp square; box averages when the map is larger than the cell.
+        resample = Image.Resampling.NEAREST if cell >= m.resolution else Image.Resampling.BOX
+        heat = np.asarray(Image.fromarray(heat.astype(np.float32)).resize((cell, cell), resample))
+        over = 0.35 * base / 255 + 0.65 * _heat_colors(heat)
+        text = f"k{m.kernel[0]} d{m.dilation[0]}" if m.kernel[0] == m.kernel[1] and m.dilation[0] == m.dilation[1] \
+            else f"k{m.kernel} d{m.dilation}"
+        row.append(_label((over * 255).round().astype(np.uint8), text))
+    cols = max(len(r) for r in rows.values())
+    blank = np.zeros((cell, cell, 3), np.uint8)
+    cells = [c for r in rows.values() for c in r + [blank] * (cols - len(r))]
+    return np.stack(cells).transpose(0, 3, 1, 2), (len(rows), cols)

@@ -1,0 +1,200 @@
+"""Model configurations (frozen dataclasses) and the named presets.
+
+A configuration states every number the architecture needs, per synthesis stage; stage s works at
+resolution 4 * 2**s, from 4 up to ``resolution``. Presets are data: the official FFHQ/Church
+models (SPEC "Generator") and ``tiny``, a model that trains visibly on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+__all__ = ["GeneratorConfig", "DiscriminatorConfig", "PRESETS", "get_preset", "stage_resolutions"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def stage_resolutions(resolution: int) -> list[int]:
+    """4, 8, ..., resolution; ValueError unless resolution is a power of two >= 8."""
+    if not isinstance(resolution, int) or resolution < 8 or resolution & (resolution - 1):
+        raise ValueError(f"resolution must be a power of two >= 8, got {resolution!r}")
+    return [2**i for i in range(2, int(math.log2(resolution)) + 1)]
+
+
+def _tuple_of_tuples(value) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(k) for k in stage) for stage in value)
+
+
+def _check_len(name: str, value, n: int) -> None:
+    if len(value) != n:
+        raise ValueError(f"{name} needs one entry per stage (resolutions 4..), i.e. {n}, got {len(value)}")
+
+
+class _JsonConfig:
+    """JSON round trip shared by the configs: tuples become lists and back."""
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))  # tuples -> lists: plain JSON types only
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class GeneratorConfig(_JsonConfig):
+    """Everything the generator's architecture needs.
+
+    Args:
+        resolution: output image edge in pixels (power of two >= 8).
+        channels: feature channels per stage (resolutions 4, 8, ..., resolution).
+        heads: attention heads per stage; channels must divide by them.
+        kernels: per stage, one NA kernel per head group; a kernel equal to the stage
+            resolution is full attention (the 4x4 stage: kernel 4).
+        dilations: per stage, one dilation per head group (same length as that stage's kernels).
+        style_dim: size of z and w.
+        n_mlp: linear layers in the mapping network.
+        lr_mlp: learning-rate multiplier of the mapping network (equalized lr).
+        mlp_ratio: hidden width of each block's MLP over its channels.
+        image_mean: per RGB channel, the mean of the model's output space (pixel = out*std + mean).
+        image_std: per RGB channel, the std of the model's output space.
+    """
+
+    resolution: int
+    channels: tuple[int, ...]
+    heads: tuple[int, ...]
+    kernels: tuple[tuple[int, ...], ...]
+    dilations: tuple[tuple[int, ...], ...]
+    style_dim: int = 512
+    n_mlp: int = 8
+    lr_mlp: float = 0.01
+    mlp_ratio: float = 4.0
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        # Normalise JSON lists to tuples so equal configs compare and hash equal.
+        for name in ("channels", "heads", "image_mean", "image_std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "kernels", _tuple_of_tuples(self.kernels))
+        object.__setattr__(self, "dilations", _tuple_of_tuples(self.dilations))
+        res = stage_resolutions(self.resolution)
+        for name in ("channels", "heads", "kernels", "dilations"):
+            _check_len(name, getattr(self, name), len(res))
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError("image_mean and image_std need 3 entries each, std > 0")
+        if self.style_dim < 1 or self.n_mlp < 1 or self.lr_mlp <= 0 or self.mlp_ratio <= 0:
+            raise ValueError("style_dim and n_mlp must be >= 1, lr_mlp and mlp_ratio > 0")
+        for r, c, h, ks, ds in zip(res, self.channels, self.heads, self.kernels, self.dilations):
+            if h < 1 or c % h:
+                raise ValueError(f"stage {r}x{r}: {c} channels do not split into {h} heads")
+            if r > 4 and (c < 8 or c % 4):
+                raise ValueError(f"stage {r}x{r}: position codes need channels a multiple of 4 and >= 8, got {c}")
+            if len(ks) != len(ds) or not ks:
+                raise ValueError(f"stage {r}x{r}: kernels {ks} and dilations {ds} need one entry per head group")
+            if len(ks) > h:
+                raise ValueError(f"stage {r}x{r}: {len(ks)} head groups but only {h} heads")
+            for k, d in zip(ks, ds):
+                if k < 1 or d < 1 or k * d > r or (k % 2 == 0 and k * d != r):
+                    raise ValueError(
+                        f"stage {r}x{r}: kernel {k} with dilation {d} does not fit "
+                        f"(need odd kernel and kernel * dilation <= {r}, or kernel == {r} for full attention)"
+                    )
+
+    @property
+    def num_ws(self) -> int:
+        """Latents the synthesis network reads: 2 per stage (one per block)."""
+        return 2 * len(self.channels)
+
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig(_JsonConfig):
+    """Everything StyleSwin's wavelet discriminator needs.
+
+    Args:
+        resolution: input image edge in pixels (power of two >= 8).
+        channels: channels per resolution 4, 8, ..., resolution (the official table: the first
+            from-RGB at resolution/2 uses channels[resolution]; the block ending at r uses channels[r]).
+        stddev_group: minibatch-stddev group size (the batch must divide by min(batch, group)).
+    """
+
+    resolution: int
+    channels: tuple[int, ...]
+    stddev_group: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        _check_len("channels", self.channels, len(stage_resolutions(self.resolution)))
+        if min(self.channels) < 1 or self.stddev_group < 1:
+            raise ValueError("discriminator channels and stddev_group must be >= 1")
+
+    def channels_at(self, res: int) -> int:
+        return self.channels[int(math.log2(res)) - 2]
+
+
+# ---- presets ----------------------------------------------------------------------------------
+
+# Official channel table (channel multiplier 2), resolutions 4 .. 1024.
+_OFFICIAL_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 512, 128: 256, 256: 128, 512: 64, 1024: 32}
+
+
+def _official(resolution: int, min_heads: int, dilations_at) -> tuple[GeneratorConfig, DiscriminatorConfig]:
+    """Official model at ``resolution``; ``dilations_at(r)`` gives the head-group dilations of stage r."""
+    res = stage_resolutions(resolution)
+    channels = tuple(_OFFICIAL_CHANNELS[r] for r in res)
+    dils = tuple((1,) if r == 4 else tuple(dilations_at(r)) for r in res)
+    kernels = tuple((4,) if r == 4 else (7,) * len(d) for r, d in zip(res, dils))
+    g = GeneratorConfig(
+        resolution=resolution,
+        channels=channels,
+        heads=tuple(max(c // 32, min_heads) for c in channels),
+        kernels=kernels,
+        dilations=dils,
+    )
+    return g, DiscriminatorConfig(resolution=resolution, channels=channels)
+
+
+def _ffhq_dilations(r: int) -> tuple[int, int]:
+    # The released FFHQ models use two head groups everywhere; at 8x8 both are dense (k7, d1).
+    return (1, max(1, r // 8))
+
+
+def _pyramid_dilations(r: int) -> tuple[int, ...]:
+    return tuple(2**i for i in range(int(math.log2(r // 8)) + 1))
+
+
+def _tiny() -> tuple[GeneratorConfig, DiscriminatorConfig]:
+    # 32x32 with Hydra groups at 16 and 32, sized so a G+D step at batch 16 takes about 0.3 s on
+    # one CPU thread: the 32x32 attention dominates, hence few channels and k3 there.
+    g = GeneratorConfig(
+        resolution=32,
+        channels=(64, 32, 32, 16),
+        heads=(2, 2, 2, 2),
+        kernels=((4,), (5,), (5, 5), (3, 3)),
+        dilations=((1,), (1,), (1, 2), (1, 4)),
+        style_dim=64,
+        n_mlp=2,
+    )
+    return g, DiscriminatorConfig(resolution=32, channels=(64, 64, 32, 16))
+
+
+PRESETS = {
+    "ffhq256": lambda: _official(256, 4, _ffhq_dilations),
+    "ffhq1024": lambda: _official(1024, 4, _ffhq_dilations),
+    "church256": lambda: _official(256, 8, _pyramid_dilations),
+    "tiny": _tiny,
+}
+
+
+def get_preset(name: str) -> tuple[GeneratorConfig, DiscriminatorConfig]:
+    """(GeneratorConfig, DiscriminatorConfig) of a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()

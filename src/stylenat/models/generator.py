@@ -1,0 +1,265 @@
+"""StyleNAT generator: mapping network (z -> w) and a Hydra-NA transformer synthesis network.
+
+Latents: the synthesis network reads ``ws`` [B, num_ws, style_dim] with num_ws = 2 per stage;
+block j of stage s reads ``ws[:, 2s + j]`` (its two AdaINs). Nothing else reads a latent: the
+upsampling layers and ToRGB are not modulated. ``g(z)`` broadcasts one w to every latent, exactly
+like the official model, so style mixing is ``g.synthesis(ws)`` with rows taken from different w.
+
+Tensors inside the synthesis network are channels-last tokens [B, H, W, C].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stylenat.models.config import GeneratorConfig, stage_resolutions
+from stylenat.nn.attention import HydraNeighborhoodAttention
+from stylenat.nn.layers import AdaIN, EqualLinear, FIRUpsample, sinusoidal_table
+
+__all__ = ["Generator", "MappingNetwork", "SynthesisNetwork"]
+
+
+class MappingNetwork(nn.Module):
+    """PixelNorm, then ``n_mlp`` equalized linear layers with leaky ReLU; tracks the mean w.
+
+    Args:
+        style_dim: size of z and w.
+        n_mlp: number of linear layers.
+        lr_mul: learning-rate multiplier of every layer.
+        w_avg_beta: decay of the running mean ``w_avg`` updated in training mode.
+    """
+
+    def __init__(self, style_dim: int, n_mlp: int, lr_mul: float, w_avg_beta: float = 0.995):
+        super().__init__()
+        self.style_dim = style_dim
+        self.w_avg_beta = w_avg_beta
+        self.layers = nn.ModuleList(EqualLinear(style_dim, style_dim, lr_mul, activate=True) for _ in range(n_mlp))
+        self.register_buffer("w_avg", torch.zeros(style_dim))
+
+    def embed(self, z: Tensor) -> Tensor:
+        """z [B, style_dim] -> w [B, style_dim]; no tracking, no truncation."""
+        if z.ndim != 2 or z.shape[1] != self.style_dim:
+            raise ValueError(f"z must have shape [batch, {self.style_dim}], got {tuple(z.shape)}")
+        x = z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def truncate(self, w: Tensor, psi: float) -> Tensor:
+        """Move w toward ``w_avg``: w_avg + psi * (w - w_avg)."""
+        return self.w_avg.to(w.dtype).lerp(w, psi)
+
+    def forward(self, z: Tensor, truncation_psi: float = 1.0) -> Tensor:
+        w = self.embed(z)
+        if self.training:
+            with torch.no_grad():
+                self.w_avg.copy_(w.detach().float().mean(0).lerp(self.w_avg, self.w_avg_beta))
+        return w if truncation_psi == 1 else self.truncate(w, truncation_psi)
+
+
+class Mlp(nn.Module):
+    """Token-wise two-layer MLP with GELU.
+
+    Args:
+        dim: input and output channels.
+        hidden: hidden channels.
+    """
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += Attn(AdaIN1(x, w)); x += MLP(AdaIN2(x, w)).
+
+    Args:
+        dim: channels.
+        heads: attention heads.
+        kernels: NA kernel per head group.
+        dilations: NA dilation per head group.
+        mlp_ratio: MLP hidden width over dim.
+        style_dim: size of w.
+    """
+
+    def __init__(self, dim: int, heads: int, kernels, dilations, mlp_ratio: float, style_dim: int):
+        super().__init__()
+        self.norm1 = AdaIN(dim, style_dim)
+        self.attn = HydraNeighborhoodAttention(dim, heads, list(kernels), list(dilations))
+        self.norm2 = AdaIN(dim, style_dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, w: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x, w))
+        return x + self.mlp(self.norm2(x, w))
+
+
+class StageUpsample(nn.Module):
+    """Bilinear x2, LayerNorm, linear C_in -> C_out (no bias), + alpha * 2-D sinusoidal codes.
+
+    Args:
+        in_dim: channels in.
+        out_dim: channels out; the first half of the codes follows x (columns), the second y (rows).
+        out_size: output edge (twice the input edge).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, out_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.reduction = nn.Linear(in_dim, out_dim, bias=False)
+        self.alpha = nn.Parameter(torch.zeros(1))
+        self.register_buffer("codes", sinusoidal_table(out_size, out_dim // 2), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False)
+        x = self.reduction(self.norm(x.permute(0, 2, 3, 1)))
+        n, half = self.codes.shape
+        codes = torch.cat([self.codes[None, :, :].expand(n, n, half), self.codes[:, None, :].expand(n, n, half)], dim=-1)
+        return x + codes.to(x.dtype) * self.alpha
+
+
+class Stage(nn.Module):
+    """Two blocks at one resolution, then (except at the last stage) the upsampling to the next.
+
+    Args:
+        blocks: the two :class:`Block` of this stage.
+        upsample: a :class:`StageUpsample`, or None at the last stage.
+    """
+
+    def __init__(self, blocks: list[Block], upsample: StageUpsample | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.upsample = upsample
+
+
+class ToRGB(nn.Module):
+    """1x1 conv to RGB plus a bias; adds the running RGB skip (FIR-upsampled when it is smaller).
+
+    Args:
+        dim: input channels.
+        upsample_skip: the incoming skip has half this layer's resolution.
+    """
+
+    def __init__(self, dim: int, upsample_skip: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, 3, kernel_size=1)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+        self.upsample = FIRUpsample() if upsample_skip else None
+
+    def forward(self, x: Tensor, skip: Tensor | None) -> Tensor:
+        out = self.conv(x.permute(0, 3, 1, 2)) + self.bias
+        if skip is None:
+            return out
+        return out + (self.upsample(skip) if self.upsample is not None else skip)
+
+
+class SynthesisNetwork(nn.Module):
+    """ws [B, num_ws, style_dim] -> raw image [B, 3, S, S] in the model's output space.
+
+    Args:
+        config: the generator configuration.
+    """
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        res = stage_resolutions(config.resolution)
+        ch = config.channels
+        self.num_ws = config.num_ws
+        self.style_dim = config.style_dim
+        self.const = nn.Parameter(torch.randn(1, ch[0], 4, 4))
+        self.stages = nn.ModuleList()
+        self.to_rgbs = nn.ModuleList()
+        last = len(res) - 1
+        for s, r in enumerate(res):
+            blocks = [
+                Block(ch[s], config.heads[s], config.kernels[s], config.dilations[s], config.mlp_ratio, config.style_dim)
+                for _ in range(2)
+            ]
+            upsample = StageUpsample(ch[s], ch[s + 1], 2 * r) if s < last else None
+            self.stages.append(Stage(blocks, upsample))
+            self.to_rgbs.append(ToRGB(ch[min(s + 1, last)], upsample_skip=s < last))
+
+    def forward(self, ws: Tensor) -> Tensor:
+        if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.style_dim):
+            raise ValueError(f"ws must have shape [batch, {self.num_ws}, {self.style_dim}], got {tuple(ws.shape)}")
+        x = self.const.permute(0, 2, 3, 1).expand(ws.shape[0], -1, -1, -1)
+        skip = None
+        for s, (stage, to_rgb) in enumerate(zip(self.stages, self.to_rgbs)):
+            for j, block in enumerate(stage.blocks):
+                x = block(x, ws[:, 2 * s + j])
+            if stage.upsample is not None:
+                x = stage.upsample(x)
+            skip = to_rgb(x, skip)
+        return skip
+
+
+class Generator(nn.Module):
+    """z -> raw image. See the module docstring for how latents are read.
+
+    Args:
+        config: the generator configuration.
+    """
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        self.config = config
+        self.mapping = MappingNetwork(config.style_dim, config.n_mlp, config.lr_mlp)
+        self.synthesis = SynthesisNetwork(config)
+        self.apply(_init_weights)
+
+    @property
+    def style_dim(self) -> int:
+        return self.config.style_dim
+
+    @property
+    def num_ws(self) -> int:
+        return self.config.num_ws
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution
+
+    @property
+    def w_avg(self) -> Tensor:
+        return self.mapping.w_avg
+
+    def forward(self, z: Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None) -> Tensor:
+        """Raw images [B, 3, S, S]; truncation moves latents 0 .. cutoff-1 (default all) toward w_avg."""
+        ws = self.mapping(z).unsqueeze(1).repeat(1, self.num_ws, 1)
+        if truncation_psi != 1:
+            cut = self.num_ws if truncation_cutoff is None else truncation_cutoff
+            ws[:, :cut] = self.mapping.truncate(ws[:, :cut], truncation_psi)
+        return self.synthesis(ws)
+
+    @torch.no_grad()
+    def compute_w_avg(self, n: int = 10000, seed: int = 0, batch: int = 1000) -> Tensor:
+        """Set ``w_avg`` to the mean of w over ``n`` seeded z (for weights trained elsewhere)."""
+        gen = torch.Generator().manual_seed(seed)
+        dev = self.w_avg.device
+        total = torch.zeros(self.style_dim, dtype=torch.float64, device=dev)
+        for start in range(0, n, batch):
+            z = torch.randn(min(batch, n - start), self.style_dim, generator=gen).to(dev)
+            total += self.mapping.embed(z).double().sum(0)
+        self.w_avg.copy_(total / n)
+        return self.w_avg
+
+
+def _init_weights(m: nn.Module) -> None:
+    # SPEC "Init": transformer linears trunc-normal 0.02; ToRGB xavier with a tiny gain so the
+    # first images are near the mean; equalized layers and the constant keep their N(0, 1).
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        nn.init.xavier_normal_(m.weight, gain=0.02)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,115 @@
+"""Parity with the official StyleNAT code: fixtures made by running it, and its full-size key sets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stylenat.cli import main
+from stylenat.models import get_preset
+from stylenat.models.discriminator import Discriminator
+from stylenat.models.generator import Generator
+from stylenat.models.official import config_from_official, load_official_checkpoint, map_official_state, official_meta
+
+TAGS = ["small64_legacy", "small32_hydra_uneven"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module", params=TAGS)
+def fixture(request, official_dir):
+    tag = request.param
+    meta = json.loads((official_dir / f"{tag}_meta.json").read_text())
+    modules = load_official_checkpoint(official_dir / f"{tag}_checkpoint.pt", meta)
+    expected = torch.load(official_dir / f"{tag}_expected.pt", weights_only=True)
+    return meta, modules, expected
+
+
+def test_fixture_outputs_match_official(fixture):
+    meta, modules, e = fixture
+    g, d = modules["g_ema"], modules["d"]
+    assert sum(p.numel() for p in g.parameters()) == meta["generator_params"]
+    assert sum(p.numel() for p in d.parameters()) == meta["discriminator_params"]
+    with torch.no_grad():
+        assert _rel(g.mapping(e["z"]), e["w"]) < 1e-4
+        assert _rel(g(e["z"]), e["image"]) < 1e-4
+        assert _rel(d(e["d_input"]), e["d_logits"]) < 1e-4
+    assert set(modules) == {"g", "g_ema", "d"} and not any(m.training for m in modules.values())
+
+
+def test_fixture_w_avg_is_mean_w(fixture):
+    _, modules, _ = fixture
+    g = modules["g_ema"]
+    z = torch.randn(10000, g.style_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(g.w_avg, g.mapping.embed(z).mean(0), atol=1e-5)
+
+
+def _fake_state(state: dict, buffers: dict) -> dict:
+    """Official key -> tensor: the stored buffer values, meta tensors of the right shape otherwise."""
+    return {k: torch.tensor(buffers[k]) if k in buffers else torch.empty(s, device="meta") for k, s in state.items()}
+
+
+@pytest.fixture(scope="module")
+def shapes(official_dir):
+    return json.loads((official_dir / "official_state_shapes.json").read_text())
+
+
+@pytest.mark.parametrize("tag", ["ffhq256_legacy", "ffhq256_hydra", "ffhq1024_legacy"])
+def test_full_size_generator_keys_all_consumed(shapes, tag):
+    entry = shapes[tag]
+    meta = official_meta(f"ffhq{entry['size']}", legacy=entry["legacy"])
+    if not entry["legacy"]:
+        meta["kernels"][1], meta["dilations"][1] = [7], [1]  # Hydra layout: one group at 8x8
+    g = Generator(config_from_official(meta)[0])
+    mapped = map_official_state(g, _fake_state(entry["generator_state"], entry["generator_buffers"]))
+    assert set(mapped) == set(g.state_dict()) - {"mapping.w_avg"}
+    assert sum(p.numel() for p in g.parameters()) == entry["generator_params"]
+
+
+@pytest.mark.parametrize("tag", ["discriminator256", "discriminator1024"])
+def test_full_size_discriminator_keys_all_consumed(shapes, tag):
+    entry = shapes[tag]
+    d = Discriminator(get_preset(f"ffhq{entry['size']}")[1])
+    mapped = map_official_state(d, _fake_state(entry["discriminator_state"], entry["discriminator_buffers"]))
+    assert set(mapped) == set(d.state_dict())
+    assert sum(p.numel() for p in d.parameters()) == entry["discriminator_params"]
+
+
+def test_shape_mismatch_names_key_and_shapes(official_dir):
+    meta = json.loads((official_dir / "small32_hydra_uneven_meta.json").read_text())
+    meta["style_dim"] = 16  # the checkpoint's mapping is 32 wide
+    with pytest.raises(ValueError, match=r"'style\.1\.weight' has shape \[32, 32\] but 'mapping\.layers\.0\.weight' expects \[16, 16\]"):
+        load_official_checkpoint(official_dir / "small32_hydra_uneven_checkpoint.pt", meta)
+
+
+def test_missing_and_unexpected_keys_are_named(official_dir, tmp_path):
+    import argparse
+
+    tag = "small32_hydra_uneven"
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(official_dir / f"{tag}_checkpoint.pt", weights_only=True)
+    ckpt["g_ema"]["extra.weight"] = ckpt["g_ema"].pop("to_rgbs.0.bias")
+    torch.save(ckpt, tmp_path / "bad.pt")
+    meta = json.loads((official_dir / f"{tag}_meta.json").read_text())
+    with pytest.raises(ValueError, match=r"missing \['synthesis\.to_rgbs\.0\.bias'\], unexpected \['extra\.weight'\]"):
+        load_official_checkpoint(tmp_path / "bad.pt", meta)
+
+
+def test_cli_convert_official(official_dir, tmp_path, capsys):
+    import stylenat
+
+    out = tmp_path / "small.safetensors"
+    tag = "small32_hydra_uneven"
+    assert main(["convert-official", str(official_dir / f"{tag}_checkpoint.pt"), str(out),
+                 "--meta", str(official_dir / f"{tag}_meta.json")]) == 0
+    e = torch.load(official_dir / f"{tag}_expected.pt", weights_only=True)
+    with torch.no_grad():
+        assert _rel(stylenat.load(out)(e["z"]), e["image"]) < 1e-4
+        assert _rel(stylenat.load(out, which="d")(e["d_input"]), e["d_logits"]) < 1e-4
+    assert main(["convert-official", str(official_dir / f"{tag}_checkpoint.pt"), str(out)]) == 2
+    assert "exactly one of --preset" in capsys.readouterr().err
