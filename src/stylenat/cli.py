@@ -35,12 +35,310 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from stylenat.data import prepare_dataset
+
+    report = prepare_dataset(args.src, args.dst, args.size, filter=args.filter, crop=args.crop, workers=args.workers)
+    print(f"stylenat prepare: {report.summary()}")
+    return 0
+
+
+def _assignments(items: list[str], flag: str) -> dict:
+    """KEY=VALUE pairs; VALUE is parsed as JSON when it can be (numbers, lists, null), else kept as text."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from stylenat.train import NonFiniteError, get_train_preset, resume, train
+
+    try:
+        if args.resume:
+            resume(args.resume, steps=args.steps)
+            return 0
+        if not args.run_dir:
+            raise UserError("--run-dir is required (or --resume DIR to continue a run)")
+        flags = {"data": args.data, "run_dir": args.run_dir, "seed": args.seed, "steps": args.steps, "batch": args.batch,
+                 "accum": args.accum, "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every,
+                 "keep": args.keep, "device": args.device, "amp": args.amp, "workers": args.workers,
+                 "tick_every": args.tick_every, "on_nonfinite": args.on_nonfinite}
+        values = {**_assignments(args.set, "--set"), **{k: v for k, v in flags.items() if v is not None}}
+        values["generator"] = _assignments(args.generator, "--generator")
+        values["discriminator"] = _assignments(args.discriminator, "--discriminator")
+        train(dataclasses.replace(get_train_preset(args.preset), **values))
+    except NonFiniteError as exc:
+        print(f"stylenat train: stopped: {exc}; the last checkpoint is intact (resume with --resume, "
+              f"or pass --on-nonfinite skip)", file=sys.stderr)
+        return 3
+    except TypeError as exc:  # dataclasses.replace with a misspelled --set field
+        raise UserError(str(exc)) from exc
+    return 0
+
+
+def _cmd_fid(args: argparse.Namespace) -> int:
+    from stylenat.metrics.fid import evaluate
+
+    result = evaluate(args.first, args.real, num=args.num, kid=args.kid, resolution=args.resolution,
+                      inception=args.inception, batch=args.batch, device=args.device, workers=args.workers)
+    line = f"FID {result['fid']:.4f} ({result['num_fake']} vs {result['num_real']} images)"
+    if args.kid:
+        line += f", KID {result['kid']:.6f} +- {result['kid_std']:.6f}"
+    print(line)
+    return 0
+
+
+def _cmd_convert_official(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from stylenat.models.io import save_model
+    from stylenat.models.official import load_official_checkpoint
+
+    if (args.preset is None) == (args.meta is None):
+        raise UserError("give exactly one of --preset NAME or --meta META.json")
+    meta = args.preset if args.meta is None else json.loads(Path(args.meta).read_text())
+    modules = load_official_checkpoint(args.checkpoint, meta)
+    g = modules["g_ema"]
+    d = modules.get("d")
+    save_model(args.out, modules, g.config, None if d is None else d.config,
+               extra={"source": str(args.checkpoint), "official_meta": meta})
+    print(f"wrote {args.out} ({', '.join(modules)}; {g.resolution}x{g.resolution})")
+    return 0
+
+
+def _load_generator(args: argparse.Namespace):
+    from stylenat.sampling import resolve_model
+
+    return resolve_model(args.model, preset=args.preset, meta=args.meta, device=args.device)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stylenat.data.images import save_image_grid
+    from stylenat.sampling import generate, parse_ints
+
+    seeds = parse_ints(args.seeds, "--seeds")
+    grid = tuple(parse_ints(args.grid.replace("x", ","), "--grid")) if args.grid else None
+    if grid is not None and (len(grid) != 2 or min(grid) < 1 or grid[0] * grid[1] < len(seeds)):
+        raise UserError(f"--grid {args.grid}: need ROWSxCOLS with room for all {len(seeds)} seeds")
+    if args.no_images and grid is None:
+        raise UserError("--no-images without --grid would write nothing; add --grid ROWSxCOLS")
+    images = generate(_load_generator(args), seeds, args.trunc, args.batch)
+    out = Path(args.out)
+    if not args.no_images:
+        for seed, image in zip(seeds, images):
+            save_image_grid(image[None], out / f"seed{seed:04d}.png", (1, 1))
+    if grid is not None:
+        save_image_grid(images, out / "grid.png", grid)
+    print(f"wrote {0 if args.no_images else len(seeds)} images{' and grid.png' if grid else ''} to {out}")
+    return 0
+
+
+def _cmd_mix(args: argparse.Namespace) -> int:
+    from stylenat.data.images import save_image_grid
+    from stylenat.sampling import parse_ints, style_mix
+
+    grid = style_mix(_load_generator(args), parse_ints(args.rows, "--rows"), parse_ints(args.cols, "--cols"),
+                     parse_ints(args.layers, "--layers"), args.trunc, args.batch)
+    save_image_grid(grid.flatten(0, 1), args.out, tuple(grid.shape[:2]))
+    print(f"wrote {args.out} ({grid.shape[0]}x{grid.shape[1]} cells)")
+    return 0
+
+
+def _cmd_video(args: argparse.Namespace) -> int:
+    from stylenat.sampling import check_video_path, interpolate, parse_ints, save_video
+
+    check_video_path(args.out)  # fail before rendering, not after
+    frames = interpolate(_load_generator(args), parse_ints(args.seeds, "--seeds"), args.frames, loop=args.loop,
+                         space=args.space, truncation_psi=args.trunc, batch=args.batch)
+    save_video(frames, args.out, fps=args.fps, loop=args.loop)
+    print(f"wrote {args.out} ({len(frames)} frames at {args.fps:g} fps)")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from stylenat.metrics.throughput import benchmark
+    from stylenat.models import PRESETS, build_generator
+    from stylenat.sampling import default_device, parse_ints
+
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.model in PRESETS and not Path(args.model).exists():
+        g = build_generator(args.model).to(default_device(args.device))  # random weights time the same
+    else:
+        g = _load_generator(args)
+    batches = parse_ints(args.batch, "--batch") if args.batch else None
+    report = {"model": args.model, **benchmark(g, batches, args.warmup, args.iters, getattr(torch, args.dtype))}
+    print(f"{report['device_name']} ({report['device']}), {report['dtype']}, {report['parameters']:,} parameters, "
+          f"{report['gflops_per_image']:.4g} GFLOP/image")
+    print(f"{'batch':>5} {'img/s':>9} {'ms/img':>9} {'peak MiB':>9} {'TFLOP/s':>8} {'of peak':>8}")
+    for r in report["results"]:
+        frac = "-" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.1f}%"
+        print(f"{r['batch']:>5} {r['img_per_s']:>9.2f} {r['ms_per_img']:>9.2f} {r['peak_memory_bytes'] / 2**20:>9.0f} "
+              f"{r['achieved_tflops']:>8.3g} {frac:>8}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    from stylenat.attention_maps import attention_maps, render_attention_maps
+    from stylenat.data.images import save_image_grid
+    from stylenat.sampling import parse_ints
+
+    pixel = parse_ints(args.pixel, "--pixel")
+    if len(pixel) != 2:
+        raise UserError(f"--pixel takes Y,X, got {args.pixel!r}")
+    resolutions = parse_ints(args.resolutions, "--resolutions") if args.resolutions else None
+    image, maps = attention_maps(_load_generator(args), args.seed, tuple(pixel), resolutions, args.trunc)
+    cells, grid = render_attention_maps(image, maps, tuple(pixel), args.cell)
+    save_image_grid(cells, args.out, grid)
+    print(f"wrote {args.out} ({grid[0]} rows: resolution x block; columns: image, then head groups)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stylenat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="print the version, the device and the usable attention backends")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("prepare", help="turn a folder or zip of images into a square RGB PNG dataset")
+    p.add_argument("src", help="folder (searched recursively) or zip of images")
+    p.add_argument("dst", help="output folder, or a zip file if it ends in .zip; must not exist")
+    p.add_argument("--size", type=int, required=True, help="output side in pixels")
+    p.add_argument("--filter", default="lanczos", choices=["lanczos", "box", "bicubic"], help="resampling filter")
+    p.add_argument("--crop", default="center", choices=["center", "none"],
+                   help="center: cut the largest centred square; none: skip non-square images")
+    p.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train a generator (or --resume a run directory)",
+                       description="Train StyleNAT. Unset options come from the preset's TrainConfig; "
+                                   "--set changes any other TrainConfig field.")
+    p.add_argument("--preset", default="ffhq256", help="model and training preset: ffhq256, ffhq1024, church256, tiny")
+    p.add_argument("--data", help="dataset folder or zip, or 'demo' for the built-in faces")
+    p.add_argument("--run-dir", help="output directory: config.json, log.txt, stats.jsonl, image grids, checkpoints/")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (other options ignored but --steps)")
+    p.add_argument("--steps", type=int, help="train until this step (also where the lr decay ends)")
+    p.add_argument("--seed", type=int, help="random seed (weights, data order, latents, augmentation)")
+    p.add_argument("--batch", type=int, help="images per device per micro-batch")
+    p.add_argument("--accum", type=int, help="micro-batches accumulated per optimizer step")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=int, help="steps between fakes_<step>.png grids")
+    p.add_argument("--tick-every", type=int, help="steps between log lines")
+    p.add_argument("--keep", type=int, help="checkpoints kept")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=["bf16"], help="bf16 autocast for forward passes")
+    p.add_argument("--workers", type=int, help="data-loading processes per rank")
+    p.add_argument("--on-nonfinite", choices=["stop", "skip"], help="when a loss is NaN/inf: stop (default) or skip the step")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any TrainConfig field, e.g. d_lr=1e-3")
+    p.add_argument("--generator", action="append", default=[], metavar="FIELD=VALUE", help="override a GeneratorConfig field (JSON value)")
+    p.add_argument("--discriminator", action="append", default=[], metavar="FIELD=VALUE", help="override a DiscriminatorConfig field (JSON value)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("fid", help="FID (and KID) of a model or an image set against a real image set",
+                       description="FID with the TF-ported Inception (pt_inception-2015-12-05). Real-set "
+                                   "statistics are cached in $STYLENAT_CACHE (default ~/.cache/stylenat).")
+    p.add_argument("first", metavar="MODEL_OR_FOLDER", help="model file or run directory (its g_ema), or an image folder/zip")
+    p.add_argument("real", metavar="REAL_FOLDER_OR_ZIP", help="real images: folder or zip (raw or prepared), or demo")
+    p.add_argument("--num", type=int, default=50000, help="generated images, or images taken from the first set (default 50000)")
+    p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth (default: $STYLENAT_INCEPTION, then the cache dir)")
+    p.add_argument("--kid", action="store_true", help="also compute KID (100 subsets of 1000)")
+    p.add_argument("--resolution", type=int, help="side both sets are read at (default: the model's; needed for two image sets)")
+    p.add_argument("--batch", type=int, default=32, help="images per forward (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default 0: in the main process)")
+    p.set_defaults(func=_cmd_fid)
+
+    p = sub.add_parser("convert-official", help="convert an official StyleNAT checkpoint (.pt) to a stylenat model file")
+    p.add_argument("checkpoint", metavar="CKPT", help="official checkpoint {'g', 'd', 'g_ema', 'args'}")
+    p.add_argument("out", metavar="OUT", help="output .safetensors model file")
+    p.add_argument("--preset", help="configuration by preset name: ffhq256, ffhq1024, church256")
+    p.add_argument("--meta", metavar="META.json", help="configuration in official terms (size, generator_channels, heads, kernels, dilations, ...)")
+    p.set_defaults(func=_cmd_convert_official)
+
+
+    def model_args(p, what="model file or run directory"):
+        p.add_argument("model", metavar="MODEL", help=f"{what} (its g_ema), or an official .pt with --preset/--meta")
+        p.add_argument("--preset", help="official checkpoints: the preset they were trained with (ffhq256, ...)")
+        p.add_argument("--meta", metavar="META.json", help="official checkpoints: configuration in official terms")
+        p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+
+    def sampling_args(p):
+        p.add_argument("--trunc", type=float, default=1.0, help="truncation psi: 1 none (default), 0 the mean image")
+        p.add_argument("--batch", type=int, default=16, help="images per forward pass (default 16)")
+
+    p = sub.add_parser("generate", help="images from seeds: one PNG per seed and/or a grid")
+    model_args(p)
+    p.add_argument("--seeds", required=True, help="seeds, e.g. 0-63, 1,5,9 or 0-3,10")
+    p.add_argument("--grid", metavar="ROWSxCOLS", help="also write grid.png, e.g. 8x8")
+    p.add_argument("--no-images", action="store_true", help="write only the grid")
+    p.add_argument("--out", required=True, help="output folder (seed0000.png, ..., grid.png)")
+    sampling_args(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("mix", help="style-mixing grid: rows' latents with some ws indices from the columns")
+    model_args(p)
+    p.add_argument("--rows", required=True, help="row seeds (their images form column 0)")
+    p.add_argument("--cols", required=True, help="column seeds (their images form row 0)")
+    p.add_argument("--layers", required=True, help="ws indices taken from the column seed, e.g. 0-3 (coarse) or 8-13 (fine)")
+    p.add_argument("--out", required=True, help="output PNG")
+    sampling_args(p)
+    p.set_defaults(func=_cmd_mix)
+
+    p = sub.add_parser("video", help="interpolation video through the seeds' latents (.gif, or .mp4 with stylenat[video])")
+    model_args(p)
+    p.add_argument("--seeds", required=True, help="key-frame seeds in order, e.g. 0-5")
+    p.add_argument("--frames", type=int, default=30, help="frames from one seed to the next (default 30)")
+    p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=True, help="return to the first seed (default on)")
+    p.add_argument("--space", choices=["w", "z"], default="w", help="w: linear in w (default); z: spherical in z")
+    p.add_argument("--fps", type=float, default=30, help="frames per second (default 30)")
+    p.add_argument("--out", required=True, help="output .gif or .mp4")
+    sampling_args(p)
+    p.set_defaults(func=_cmd_video)
+
+    p = sub.add_parser("bench", help="generator throughput (img/s), memory and FLOP utilisation",
+                       description="The paper's protocol: g_ema, 10 warm-up and 500 timed passes with CUDA events "
+                                   "(CPU default: 3 and 10, wall clock), at batch 1 and a large batch.")
+    model_args(p, "preset name (random weights), model file or run directory")
+    p.add_argument("--batch", help="batch sizes (default 1,32 on CUDA, 1,8 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed passes (default 10 on CUDA, 3 on CPU)")
+    p.add_argument("--iters", type=int, help="timed passes (default 500 on CUDA, 10 on CPU)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="float32, or bfloat16 autocast")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (the paper's fp32/TF32 setting)")
+    p.add_argument("--out", metavar="JSON", help="also write the results as JSON")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("attention", help="attention weights of every head group at one pixel, as heat maps")
+    model_args(p)
+    p.add_argument("--seed", type=int, default=0, help="the image's seed (default 0)")
+    p.add_argument("--pixel", required=True, metavar="Y,X", help="query pixel in output-image coordinates")
+    p.add_argument("--resolutions", help="stages to show, e.g. 16,32 (default all)")
+    p.add_argument("--trunc", type=float, default=1.0, help="truncation psi (default 1: none)")
+    p.add_argument("--cell", type=int, default=128, help="edge of each heat-map cell in pixels (default 128)")
+    p.add_argument("--out", default="attention.png", help="output PNG (default attention.png)")
+    p.set_defaults(func=_cmd_attention)
 
     return parser
 

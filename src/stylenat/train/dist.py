@@ -1,0 +1,121 @@
+"""Process-group set-up for torchrun and the collectives the training loop uses.
+
+The loop does not wrap G and D in DistributedDataParallel: R1 needs a double backward, the G
+step backpropagates through a frozen D and gradients are accumulated over micro-batches, all of
+which DDP handles only with care. Instead every rank averages its gradients with one all-reduce
+per optimizer step (after the local backward passes), so all ranks apply identical updates and
+never drift apart; buffers are averaged after each step for the same reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: rank of world, and the device it trains on."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if world == 1:
+        return DistInfo(0, 1, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank."""
+    if _active():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def _average(tensors: list[torch.Tensor]) -> None:
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+@torch.no_grad()
+def average_gradients(module: nn.Module) -> None:
+    """Replace every gradient by its mean over ranks (one coalesced all-reduce)."""
+    if _active():
+        _average([p.grad for p in module.parameters() if p.grad is not None])
+
+
+@torch.no_grad()
+def average_buffers(module: nn.Module) -> None:
+    """Average floating-point buffers (e.g. G's tracked w_avg) so ranks hold the same model."""
+    if _active():
+        _average([b for b in module.buffers() if b.is_floating_point()])
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True only if ``flag`` holds on every rank (so all ranks take the same branch)."""
+    if not _active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (JSON-able), in rank order, on every rank."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()

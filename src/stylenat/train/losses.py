@@ -1,0 +1,34 @@
+"""GAN losses and regularizers of the recipe, on discriminator logits [B, 1]."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def d_logistic_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Logistic D loss: -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z)))), batch means."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def g_nonsaturating_loss(fake_logits: Tensor) -> Tensor:
+    """Non-saturating G loss: -log sigmoid(D(G(z))), batch mean."""
+    return F.softplus(-fake_logits).mean()
+
+
+def r1_penalty(d: nn.Module, real: Tensor) -> Tensor:
+    """Batch mean of ||grad_x D(x)||^2 on real images, differentiable w.r.t. D's parameters.
+
+    ``d`` should be the plain module (not a DDP wrapper): the gradient is taken with
+    ``torch.autograd.grad`` and needs a double backward.
+    """
+    real = real.detach().requires_grad_(True)
+    logits = d(real)
+    (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
+    return grad.square().flatten(1).sum(1).mean()
+
+
+def consistency_loss(aug_logits: Tensor, logits: Tensor) -> Tensor:
+    """Balanced consistency regularization term: MSE between D(aug x) and D(x), both differentiable."""
+    return F.mse_loss(aug_logits, logits)
