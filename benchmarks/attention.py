@@ -83,13 +83,14 @@ def measure_one(spec: dict) -> dict:
         return out
 
     cuda = dev.type == "cuda"
-    step()  # warm-up: caches, compilation
+    # Baseline before the warm-up pass: max RSS never falls, so the first pass must be inside the window.
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()  # warm-up: caches, compilation
     times = []
     deadline = time.perf_counter() + spec["budget_s"]
     while len(times) < spec["repeat"] and (len(times) < 2 or time.perf_counter() < deadline):

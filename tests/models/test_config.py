@@ -67,3 +67,8 @@ def test_unknown_fields_and_presets_raise():
         GeneratorConfig.from_dict(_tiny_with(depth=3))
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("ffhq512")
+
+
+def test_discriminator_too_small_raises():
+    with pytest.raises(ValueError, match="at least 16"):
+        DiscriminatorConfig(resolution=8, channels=(64, 32))

@@ -119,7 +119,7 @@ class DiscriminatorConfig(_JsonConfig):
     """Everything StyleSwin's wavelet discriminator needs.
 
     Args:
-        resolution: input image edge in pixels (power of two >= 8).
+        resolution: input image edge in pixels (power of two >= 16).
         channels: channels per resolution 4, 8, ..., resolution (the official table: the first
             from-RGB at resolution/2 uses channels[resolution]; the block ending at r uses channels[r]).
         stddev_group: minibatch-stddev group size (the batch must divide by min(batch, group)).
@@ -132,6 +132,9 @@ class DiscriminatorConfig(_JsonConfig):
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         _check_len("channels", self.channels, len(stage_resolutions(self.resolution)))
+        if self.resolution < 16:
+            # The wavelet input is already at resolution/2; below 16 no conv block is left before 4x4.
+            raise ValueError(f"discriminator resolution must be at least 16, got {self.resolution}")
         if min(self.channels) < 1 or self.stddev_group < 1:
             raise ValueError("discriminator channels and stddev_group must be >= 1")
 
