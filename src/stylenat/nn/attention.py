@@ -351,10 +351,18 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 def choose_backend(q: Tensor) -> str:
     """The backend ``na2d(backend="auto")`` uses for a tensor like ``q``.
 
-    flex_attention on CUDA for float16/bfloat16/float32 (its compiled kernels cover those), the
-    tiled path everywhere else (CPU, float64).
+    flex_attention on CUDA for float16/bfloat16/float32 maps of at least 16x16 tokens with
+    head_dim >= 16 (its compiled kernels cover those; smaller maps gain nothing from a block mask),
+    the tiled path everywhere else (CPU, float64, small maps or heads).
     """
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and _flex_importable():
+    _, _, h, w, d = q.shape
+    if (
+        q.device.type == "cuda"
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and h * w >= 256
+        and d >= 16
+        and _flex_importable()
+    ):
         return "flex"
     return "tiled"
 
