@@ -73,7 +73,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         flags = {"data": args.data, "run_dir": args.run_dir, "seed": args.seed, "steps": args.steps, "batch": args.batch,
                  "accum": args.accum, "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every,
                  "keep": args.keep, "device": args.device, "amp": args.amp, "workers": args.workers,
-                 "tick_every": args.tick_every, "on_nonfinite": args.on_nonfinite}
+                 "tick_every": args.tick_every, "on_nonfinite": args.on_nonfinite, "metrics_every": args.metrics_every,
+                 "inception": args.inception, "metrics": tuple(args.metrics.split(",")) if args.metrics else None}
         values = {**_assignments(args.set, "--set"), **{k: v for k, v in flags.items() if v is not None}}
         values["generator"] = _assignments(args.generator, "--generator")
         values["discriminator"] = _assignments(args.discriminator, "--discriminator")
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["bf16"], help="bf16 autocast for forward passes")
     p.add_argument("--workers", type=int, help="data-loading processes per rank")
     p.add_argument("--on-nonfinite", choices=["stop", "skip"], help="when a loss is NaN/inf: stop (default) or skip the step")
+    p.add_argument("--metrics", help="metrics of g_ema against --data during training, e.g. fid50k or fid10k,kid10k")
+    p.add_argument("--metrics-every", type=int, help="steps between metric evaluations")
+    p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth for --metrics")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any TrainConfig field, e.g. d_lr=1e-3")
     p.add_argument("--generator", action="append", default=[], metavar="FIELD=VALUE", help="override a GeneratorConfig field (JSON value)")
     p.add_argument("--discriminator", action="append", default=[], metavar="FIELD=VALUE", help="override a DiscriminatorConfig field (JSON value)")

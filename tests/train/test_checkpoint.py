@@ -56,7 +56,7 @@ def test_failure_mid_save_leaves_previous_checkpoint(tmp_path):
         save_checkpoint(tmp_path, 2, failing, keep=3)
     assert latest_checkpoint(tmp_path).name == "step-000000001"
     assert (latest_checkpoint(tmp_path) / "model.safetensors").read_text() == "good"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000001"]
 
 
 def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
@@ -135,3 +135,12 @@ def test_stream_resumes_mid_epoch_and_shards_disjointly():
     ranks = [_take(ShardedStream(11, seed=2, rank=r, world=2), 5) for r in range(2)]
     assert not set(ranks[0]) & set(ranks[1])
     assert _take(ShardedStream(10, seed=2), 10) != _take(ShardedStream(10, seed=3), 10)
+
+
+def test_newest_complete_checkpoint_wins(tmp_path):
+    # A resumed run must start from the newest complete checkpoint: saving it again would collide.
+    for step in (5, 10):
+        save_checkpoint(tmp_path, step, lambda d: (d / "model.safetensors").write_text(str(step)), keep=3)
+    assert latest_checkpoint(tmp_path).name == "step-000000010"
+    with pytest.raises(FileExistsError):
+        save_checkpoint(tmp_path, 10, lambda d: None, keep=3)

@@ -80,7 +80,7 @@ def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "stylenat", "train", *args], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "latest").exists():
+    while latest_checkpoint(run_dir / "checkpoints") is None:
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.time() < deadline
         time.sleep(0.01)

@@ -136,8 +136,10 @@ def dataset_features(path: str | os.PathLike, extractor: Extractor, resolution: 
         stats = FeatureStats.load(cached)
         if stats.keep_features or not keep_features:
             return stats
+    # Its own generator: a DataLoader otherwise draws its worker seed from the global torch RNG,
+    # which would make measuring during training change the run's saved random state.
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=batch,
-                                         num_workers=workers)
+                                         num_workers=workers, generator=torch.Generator().manual_seed(0))
     stats = extract(loader, extractor, count, keep_features, f"features of {Path(path).name}", progress)
     if cache:
         stats.save(cached)

@@ -19,7 +19,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-LATEST = "latest"
 MODEL_FILE = "model.safetensors"  # G, G_ema and D in the models part's file format (stylenat.load reads it)
 _PREFIX = "step-"
 
@@ -32,14 +31,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
@@ -48,14 +39,10 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint ``latest`` points to; the newest complete one if the pointer is missing."""
-    root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if target.is_dir():
-            return target
-    dirs = checkpoint_dirs(root)
+    """The newest checkpoint. Every ``step-*`` directory is complete: it is renamed into place only
+    after all its files are written and fsynced, so no separate pointer is needed (one written after
+    the rename could be left stale by a kill in between)."""
+    dirs = checkpoint_dirs(Path(root))
     return dirs[-1] if dirs else None
 
 
@@ -94,7 +81,6 @@ def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync(root)
-    _write_atomic(root / LATEST, final.name + "\n")
     for old in checkpoint_dirs(root)[:-keep]:
         shutil.rmtree(old)
     return final

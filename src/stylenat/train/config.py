@@ -79,6 +79,13 @@ class TrainConfig:
     """Rows and columns of the image grids."""
     tick_every: int = 100
     """Print and log one line of statistics every this many steps."""
+    metrics: tuple[str, ...] = ()
+    """Metrics of ``stylenat.metrics.registry.METRICS`` (e.g. ``fid50k``) computed on g_ema against
+    ``data`` every ``metrics_every`` steps and at the end; written to stats.jsonl and the log."""
+    metrics_every: int = 50_000
+    """Steps between metric evaluations."""
+    inception: str | None = None
+    """pt_inception-2015-12-05-6726825d.pth for the metrics (default: $STYLENAT_INCEPTION, then the cache dir)."""
     on_nonfinite: str = "stop"
     """When a loss or D's gradient norm is not finite: ``stop`` (exit, last checkpoint intact) or ``skip`` the step."""
 
@@ -87,7 +94,14 @@ class TrainConfig:
             raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        for name in ("steps", "batch", "accum", "r1_interval", "checkpoint_every", "keep", "sample_every", "tick_every"):
+        if self.metrics:
+            from stylenat.metrics.registry import METRICS
+
+            unknown = [m for m in self.metrics if m not in METRICS]
+            if unknown:
+                raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+        for name in ("steps", "batch", "accum", "r1_interval", "checkpoint_every", "keep", "sample_every", "tick_every",
+                     "metrics_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 

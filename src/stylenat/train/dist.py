@@ -9,6 +9,7 @@ never drift apart; buffers are averaged after each step for the same reason.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -51,7 +52,9 @@ def init_distributed(device_name: str) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        # Other ranks wait at a barrier while rank 0 writes checkpoints or measures FID (minutes).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(hours=2))
     return DistInfo(dist.get_rank(), dist.get_world_size(), device)
 
 

@@ -116,6 +116,12 @@ class _Trainer:
         self.step, self.images, self.consumed = 0, 0, 0
 
         self.log = RunLog(self.run_dir, self.info.is_main)
+        # Loaded up front so that missing Inception weights stop the run before any training.
+        self.inception = None
+        if cfg.metrics and self.info.is_main:
+            from stylenat.metrics.inception import load_inception
+
+            self.inception = load_inception(cfg.inception, device=self.device)
         if resume:
             self._load(latest_checkpoint(self.ckpt_root))
         elif self.info.is_main:
@@ -260,6 +266,8 @@ class _Trainer:
                 self._write_fakes()
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self._save()
+            if cfg.metrics and (self.step % cfg.metrics_every == 0 or self.step == cfg.steps):
+                self._metrics()
         self.log.line(f"done: {self.step} steps, {self.images:,} images" + (f", {self.skipped} skipped" if self.skipped else ""))
 
     def _tick(self, window: list[dict], sec_per_step: float, factor: float) -> None:
@@ -298,6 +306,18 @@ class _Trainer:
         z = torch.cat([torch.randn(1, self.g_cfg.style_dim, generator=torch.Generator().manual_seed(i)) for i in range(n)])
         images = [model_to_uint8(self.G_ema(chunk.to(self.device)), self.g_cfg).cpu() for chunk in z.split(self.cfg.batch)]
         save_image_grid(torch.cat(images), self.run_dir / f"fakes_{self.step:09d}.png", self.cfg.grid)
+
+    def _metrics(self) -> None:
+        """Metrics of g_ema on rank 0; they draw from their own seeded generators, not the run's."""
+        if self.info.is_main:
+            from stylenat.metrics.registry import calc_metric
+
+            results = {}
+            for name in self.cfg.metrics:
+                results.update(calc_metric(name, self.G_ema, self.cfg.data, extractor=self.inception, batch=self.cfg.batch))
+            self.log.stats({"step": self.step, "kimg": self.images / 1000, **results})
+            self.log.line(f"step {self.step} metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        dist.barrier()
 
     def _save(self) -> None:
         modules = {"g": self.G, "g_ema": self.G_ema, "d": self.D}
