@@ -113,3 +113,12 @@ def test_config_rejects_bad_values():
         TrainConfig(amp="fp16")
     with pytest.raises(ValueError, match="batch"):
         TrainConfig(batch=0)
+
+
+def test_r1_step_gives_every_parameter_a_gradient():
+    from stylenat.models import DiscriminatorConfig, build_discriminator
+
+    d = build_discriminator(DiscriminatorConfig(resolution=16, channels=(8, 8, 8)))
+    r1_penalty(d, torch.randn(4, 3, 16, 16)).backward()
+    missing = [n for n, p in d.named_parameters() if p.grad is None]
+    assert not missing, missing

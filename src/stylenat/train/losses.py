@@ -26,7 +26,9 @@ def r1_penalty(d: nn.Module, real: Tensor) -> Tensor:
     real = real.detach().requires_grad_(True)
     logits = d(real)
     (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
-    return grad.square().flatten(1).sum(1).mean()
+    # The zero term gives every D parameter a gradient on the R1 step (the last bias does not reach
+    # grad_x), so Adam steps all of them, as the official code does with its `0 * real_pred[0]`.
+    return grad.square().flatten(1).sum(1).mean() + 0 * logits.sum()
 
 
 def consistency_loss(aug_logits: Tensor, logits: Tensor) -> Tensor:
