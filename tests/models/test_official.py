@@ -113,3 +113,20 @@ def test_cli_convert_official(official_dir, tmp_path, capsys):
         assert _rel(stylenat.load(out, which="d")(e["d_input"]), e["d_logits"]) < 1e-4
     assert main(["convert-official", str(official_dir / f"{tag}_checkpoint.pt"), str(out)]) == 2
     assert "exactly one of --preset" in capsys.readouterr().err
+
+
+def test_hydra_checkpoint_by_preset_name(shapes, tmp_path):
+    # The official Hydra FFHQ-256 layout (one 16-head group at 8x8) loads with just "ffhq256",
+    # also in the official trainer's newer {'args', 'state_dicts'} layout.
+    def real(entry, kind):
+        fake = _fake_state(entry[f"{kind}_state"], entry[f"{kind}_buffers"])
+        return {k: torch.empty(v.shape).normal_(0, 0.02) if v.is_meta else v for k, v in fake.items()}
+
+    entry = shapes["ffhq256_hydra"]
+    state, d_state = real(entry, "generator"), real(shapes["discriminator256"], "discriminator")
+    path = tmp_path / "hydra.pt"
+    torch.save({"args": {"size": 256}, "state_dicts": {"g_ema": state, "d": d_state}}, path)
+    modules = load_official_checkpoint(path, "ffhq256")
+    g = modules["g_ema"]
+    assert g.synthesis.stages[1].blocks[0].attn.group_heads == [16]
+    assert sum(p.numel() for p in g.parameters()) == entry["generator_params"]

@@ -107,6 +107,28 @@ def official_meta(preset: str, legacy: bool) -> dict:
     }
 
 
+def _hydra_groups_from_state(meta: dict, state: dict[str, Tensor]) -> dict:
+    """Head groups per stage as a Hydra checkpoint holds them, where they differ from a preset's.
+
+    The official Hydra FFHQ runs use one group at 8x8 where our presets (the released legacy
+    layout) have two identical k7/d1 groups; the group count and kernels are in the rpb tables.
+    Only stages whose preset groups are all alike can be adapted; others need an explicit meta.
+    """
+    meta = {**meta, "kernels": [list(k) for k in meta["kernels"]], "dilations": [list(d) for d in meta["dilations"]]}
+    for s in range(1, len(meta["kernels"])):
+        tables = {int(m.group(1)): v.shape for k, v in state.items()
+                  if (m := re.fullmatch(rf"layers\.{s}\.blocks\.0\.attn\.rpb\.(\d+)", k))}
+        ks, ds = _official_groups(meta["kernels"][s], meta["dilations"][s], legacy=False)
+        if not tables or len(tables) == len(ks):
+            continue
+        if len(set(zip(ks, ds))) != 1:
+            raise ValueError(f"the checkpoint has {len(tables)} head groups at stage {s} where the preset has "
+                             f"{len(ks)} different ones; pass the configuration with --meta")
+        meta["kernels"][s] = [(tables[i][-1] + 1) // 2 for i in sorted(tables)]
+        meta["dilations"][s] = [ds[0]] * len(tables)
+    return meta
+
+
 # ---- key mapping ------------------------------------------------------------------------------
 
 _G_RULES = [
@@ -203,11 +225,15 @@ def load_official_checkpoint(path, meta: str | dict) -> dict[str, nn.Module]:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(f"cannot read {path} as an official StyleNAT checkpoint: {exc}") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dicts"), dict):  # the official trainer's newer layout
+        ckpt = ckpt["state_dicts"]
     if not isinstance(ckpt, dict) or "g_ema" not in ckpt:
         raise ValueError(f"{path} is not in the official layout {{'g', 'd', 'g_ema', 'args'}}")
     if isinstance(meta, str):
         legacy = any(re.search(r"\.attn\.rpb\d+$", k) for k in ckpt["g_ema"])
         meta = official_meta(meta, legacy)
+        if not legacy:
+            meta = _hydra_groups_from_state(meta, ckpt["g_ema"])
     g_cfg, d_cfg = config_from_official(meta)
     out = {}
     for name in ("g", "g_ema", "d"):
