@@ -269,6 +269,9 @@ class _Trainer:
             if cfg.metrics and (self.step % cfg.metrics_every == 0 or self.step == cfg.steps):
                 self._metrics()
         self.log.line(f"done: {self.step} steps, {self.images:,} images" + (f", {self.skipped} skipped" if self.skipped else ""))
+        # Ranks leave together: tearing the process group down while rank 0 still writes the last
+        # checkpoint can abort the other ranks inside gloo.
+        dist.barrier()
 
     def _tick(self, window: list[dict], sec_per_step: float, factor: float) -> None:
         if not self.info.is_main:
