@@ -136,7 +136,7 @@ class _AxisTiles:
 
 @functools.lru_cache(maxsize=256)
 def _axis_tiles(length: int, kernel: int, dilation: int, tile: int) -> _AxisTiles:
-    g_all, j_all, s_all = _axis_window(length, kernel, dilation)
+    _, _, s_all = _axis_window(length, kernel, dilation)
     longest = -(-length // dilation)
     tq = min(tile, longest)
     u = min(tq + kernel - 1, longest)
@@ -499,11 +499,6 @@ class HydraNeighborhoodAttention(nn.Module):
         if self.legacy_rpb_names:
             return [getattr(self, f"rpb{i}") for i in range(self.num_groups)]
         return list(self.rpb)
-
-    def check_input_size(self, h: int, w: int) -> None:
-        """Raise ValueError if some head group's kernel/dilation does not fit an H x W map."""
-        for nh, ks, dil in zip(self.group_heads, self.kernel_sizes, self.dilations):
-            check_na_args((1, nh, h, w, self.head_dim), ks, dil)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """[B, H, W, C] -> q, k, v each [B, heads, H, W, head_dim]."""
