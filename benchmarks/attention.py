@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -59,6 +58,7 @@ def dense_sdpa(q, k, v, kernel, dilation, rpb, scale):
 
 def measure_one(spec: dict) -> dict:
     """Run one case in this process and return its timings and peak memory."""
+    from stylenat._system import peak_rss_bytes
     from stylenat.nn.attention import na2d
 
     dev = torch.device(spec["device"])
@@ -89,7 +89,7 @@ def measure_one(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = peak_rss_bytes()
     step()  # warm-up: caches, compilation
     times = []
     deadline = time.perf_counter() + spec["budget_s"]
@@ -108,7 +108,7 @@ def measure_one(spec: dict) -> dict:
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = peak_rss_bytes() - base
     times.sort()
     return {"median_s": times[len(times) // 2], "min_s": times[0], "runs": len(times), "peak_bytes": max(peak, 0)}
 

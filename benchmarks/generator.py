@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ def _cpu_name() -> str:
 
 def measure(spec: dict) -> dict:
     """One case in this process: spec has preset, batch, device, dtype, warmup, iters."""
+    from stylenat._system import peak_rss_bytes
     from stylenat.metrics.throughput import measure_throughput
     from stylenat.models import build_generator
 
@@ -48,7 +48,7 @@ def measure(spec: dict) -> dict:
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
     row = measure_throughput(g, spec["batch"], spec["warmup"], spec["iters"], dtype)
     if spec["device"] == "cpu":
-        row["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        row["peak_memory_bytes"] = peak_rss_bytes()
     return {**spec, **row}
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stylenat._system import atomic_path
 from stylenat.data import open_dataset
 from stylenat.metrics.inception import cache_dir, load_inception
 
@@ -58,15 +59,12 @@ class FeatureStats:
         return np.concatenate(self._kept)
 
     def save(self, path: Path) -> None:
-        """Write sums (and features) to an .npz atomically: temp file, then rename."""
+        """Write sums (and features) to an .npz atomically: temp file, fsync, then rename."""
         arrays = {"num": np.array(self.num), "sum": self._sum, "outer": self._outer}
         if self.keep_features:
             arrays["features"] = self.features
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> FeatureStats:

@@ -14,7 +14,6 @@ other models measured the same way.
 from __future__ import annotations
 
 import platform
-import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from stylenat._system import peak_rss_bytes
 from stylenat.models.config import GeneratorConfig, stage_resolutions
 from stylenat.nn.attention import split_heads
 
@@ -83,12 +83,6 @@ def peak_flops(device_name: str, dtype: torch.dtype = torch.float32) -> float | 
     return None
 
 
-def _peak_rss_bytes() -> int:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 @torch.no_grad()
 def measure_throughput(g: nn.Module, batch: int, warmup: int, iters: int, dtype: torch.dtype = torch.float32) -> dict:
     """Time ``iters`` forward passes z -> image of ``batch`` images after ``warmup`` untimed ones.
@@ -120,13 +114,13 @@ def measure_throughput(g: nn.Module, batch: int, warmup: int, iters: int, dtype:
             times = [start.elapsed_time(end) for start, end in events]
             memory = torch.cuda.max_memory_allocated(dev)
         else:
-            rss = _peak_rss_bytes()
+            rss = peak_rss_bytes()
             times = []
             for _ in range(iters):
                 t0 = time.perf_counter()
                 g(z)
                 times.append((time.perf_counter() - t0) * 1e3)
-            memory = _peak_rss_bytes() - rss
+            memory = peak_rss_bytes() - rss
     mean = sum(times) / len(times)
     return {"batch": batch, "warmup": warmup, "iters": iters, "ms_per_pass": mean,
             "ms_per_pass_median": sorted(times)[len(times) // 2], "ms_per_img": mean / batch,

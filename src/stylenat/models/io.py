@@ -19,13 +19,12 @@ discriminator ("d") from d_config. Files are written atomically (temp file, fsyn
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from stylenat._system import atomic_path
 from stylenat.models.config import DiscriminatorConfig, GeneratorConfig
 
 __all__ = ["save_model", "load_model", "read_model_file", "resolve_model_path", "FORMAT"]
@@ -57,17 +56,8 @@ def save_model(
         "extra": json.dumps(extra or {}),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

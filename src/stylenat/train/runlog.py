@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
 
 import torch
+
+from stylenat._system import peak_rss_bytes
 
 
 def peak_memory_gib(device: torch.device) -> float:
     """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    return peak_rss_bytes() / 2**30
 
 
 def format_duration(seconds: float) -> str:
