@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 
 from stylenat.cli import main
-from stylenat.metrics.features import seeds_to_z
+from stylenat.models import seeds_to_z
 from stylenat.models import build_generator, model_to_uint8, save_model
-from stylenat.sampling import generate, interpolate, parse_ints, resolve_model, seeds_to_w, style_mix
+from stylenat.cli import parse_ints
+from stylenat.models import resolve_model
+from stylenat.sampling import generate, interpolate, seeds_to_w, style_mix
 
 SIZE = 32  # the tiny preset
 

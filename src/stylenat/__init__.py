@@ -6,11 +6,12 @@ __all__ = ["__version__", "load"]
 
 
 def load(path, which: str = "g_ema", device="cpu"):
-    """Module ``which`` ("g_ema", "g" or "d") of a stylenat model file, in eval mode on ``device``.
+    """Module ``which`` ("g_ema", "g" or "d") of a stylenat model, in eval mode on ``device``.
 
-    ``path`` may also be a training run directory (its latest checkpoint) or a checkpoint directory.
+    ``path`` is a model file, a checkpoint directory or a training run directory (its newest
+    checkpoint). Official ``.pt`` checkpoints need their configuration:
+    ``stylenat.models.resolve_model(path, preset=...)``.
     """
     from stylenat.models.io import load_model  # lazy: `import stylenat` stays free of torch
-    from stylenat.train.checkpoint import model_file_in
 
-    return load_model(model_file_in(path), which=which, device=device)
+    return load_model(path, which=which, device=device)

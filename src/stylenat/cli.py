@@ -10,8 +10,28 @@ import argparse
 import sys
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line without a traceback."""
+from stylenat.errors import ConfigError, UserError
+
+
+def parse_ints(text: str, name: str = "value") -> list[int]:
+    """Integers from "0-63", "1,5,9" or "0-3,10" (ranges inclusive, order kept).
+
+    text: the list; name: the option it came from, for the error message (e.g. "--seeds").
+    """
+    out: list[int] = []
+    try:
+        for part in str(text).split(","):
+            lo, sep, hi = part.strip().partition("-")
+            if sep and lo:  # "a-b"; a leading "-" would be a negative number, not a range
+                first, last = int(lo), int(hi)
+                if last < first:
+                    raise ValueError
+                out.extend(range(first, last + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ConfigError(f"{name}: cannot read {text!r}; use a list like 0-63, 1,5,9 or 0-3,10") from None
+    return out
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -120,7 +140,7 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
 
 
 def _load_generator(args: argparse.Namespace):
-    from stylenat.sampling import resolve_model
+    from stylenat.models import resolve_model
 
     return resolve_model(args.model, preset=args.preset, meta=args.meta, device=args.device)
 
@@ -129,7 +149,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from stylenat.data.images import save_image_grid
-    from stylenat.sampling import generate, parse_ints
+    from stylenat.sampling import generate
 
     seeds = parse_ints(args.seeds, "--seeds")
     grid = tuple(parse_ints(args.grid.replace("x", ","), "--grid")) if args.grid else None
@@ -150,7 +170,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_mix(args: argparse.Namespace) -> int:
     from stylenat.data.images import save_image_grid
-    from stylenat.sampling import parse_ints, style_mix
+    from stylenat.sampling import style_mix
 
     grid = style_mix(_load_generator(args), parse_ints(args.rows, "--rows"), parse_ints(args.cols, "--cols"),
                      parse_ints(args.layers, "--layers"), args.trunc, args.batch)
@@ -160,7 +180,7 @@ def _cmd_mix(args: argparse.Namespace) -> int:
 
 
 def _cmd_video(args: argparse.Namespace) -> int:
-    from stylenat.sampling import check_video_path, interpolate, parse_ints, save_video
+    from stylenat.sampling import check_video_path, interpolate, save_video
 
     check_video_path(args.out)  # fail before rendering, not after
     frames = interpolate(_load_generator(args), parse_ints(args.seeds, "--seeds"), args.frames, loop=args.loop,
@@ -177,8 +197,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from stylenat.metrics.throughput import benchmark
-    from stylenat.models import PRESETS, build_generator
-    from stylenat.sampling import default_device, parse_ints
+    from stylenat.models import PRESETS, build_generator, default_device
 
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -204,7 +223,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_attention(args: argparse.Namespace) -> int:
     from stylenat.attention_maps import attention_maps, render_attention_maps
     from stylenat.data.images import save_image_grid
-    from stylenat.sampling import parse_ints
 
     pixel = parse_ints(args.pixel, "--pixel")
     if len(pixel) != 2:

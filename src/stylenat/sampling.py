@@ -1,7 +1,7 @@
 """Seeds -> images: generation with truncation, style mixing, latent interpolation videos.
 
 Every function takes a stylenat generator ``g`` and returns uint8 pixels ``[N, 3, S, S]`` on the
-CPU. A seed always gives the same latent (:func:`stylenat.metrics.features.seeds_to_z`), so a
+CPU. A seed always gives the same latent (:func:`stylenat.models.seeds_to_z`), so a
 seed gives the same image here, in FID runs and in the CLI, whatever batch it is drawn in.
 
 Style mixing convention (StyleGAN2's ``style_mixing.py``): cell (row r, column c) of the grid
@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-import stylenat
-from stylenat.metrics.features import seeds_to_z
+from stylenat.errors import ConfigError
+from stylenat.models import seeds_to_z
 
 __all__ = [
-    "parse_ints",
-    "default_device",
-    "resolve_model",
     "generate",
     "style_mix",
     "interpolate",
@@ -37,82 +32,6 @@ __all__ = [
     "check_video_path",
     "save_video",
 ]
-
-MODEL_HELP = ("expected a training run directory, a stylenat .safetensors model file, or an official "
-              "StyleNAT .pt checkpoint (with --preset or --meta)")
-
-
-def parse_ints(text: str, name: str = "value") -> list[int]:
-    """Integers from "0-63", "1,5,9" or "0-3,10" (ranges inclusive, order kept).
-
-    text: the list; name: what it is, for the error message (e.g. "--seeds").
-    """
-    out: list[int] = []
-    try:
-        for part in str(text).split(","):
-            lo, sep, hi = part.strip().partition("-")
-            if sep and lo:  # "a-b"; a leading "-" would be a negative number, not a range
-                first, last = int(lo), int(hi)
-                if last < first:
-                    raise ValueError
-                out.extend(range(first, last + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise ValueError(f"{name}: cannot read {text!r}; use a list like 0-63, 1,5,9 or 0-3,10") from None
-    return out
-
-
-# ---- loading ----------------------------------------------------------------------------------
-
-
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    """``device``, or CUDA when present, else the CPU."""
-    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _is_safetensors(path: Path) -> bool:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            return True
-    except Exception:  # safetensors raises its own error type for foreign files
-        return False
-
-
-def resolve_model(path: str | Path, preset: str | None = None, meta: str | Path | dict | None = None,
-                  which: str = "g_ema", device: str | torch.device | None = None) -> nn.Module:
-    """Load a generator (or ``which`` module) from whatever the user points at, in eval mode.
-
-    Args:
-        path: a training run directory (its latest checkpoint), a checkpoint directory, a
-            stylenat ``.safetensors`` model file, or an official StyleNAT ``.pt`` checkpoint.
-        preset: for official checkpoints: the preset they were trained with (e.g. "ffhq256").
-        meta: for official checkpoints instead of ``preset``: a configuration dict or a JSON
-            file of it (the fixtures' ``<tag>_meta.json`` terms).
-        which: module to load: "g_ema" (default), "g" or "d".
-        device: where to put it; default CUDA when present.
-    """
-    path, device = Path(path), default_device(device)
-    if path.is_dir() or (path.is_file() and _is_safetensors(path)):
-        return stylenat.load(path, which=which, device=device)
-    if path.is_file() and zipfile.is_zipfile(path):  # torch.save archives are zip files
-        if preset is None and meta is None:
-            raise ValueError(f"{path} looks like an official StyleNAT checkpoint; say how it was configured "
-                             f"with --preset (e.g. ffhq256) or --meta META.json")
-        from stylenat.models.official import load_official_checkpoint
-
-        if isinstance(meta, (str, Path)):
-            meta = json.loads(Path(meta).read_text())
-        modules = load_official_checkpoint(path, meta if meta is not None else preset)
-        if which not in modules:
-            raise ValueError(f"{path} holds {sorted(modules)}, not {which!r}")
-        return modules[which].to(device)
-    if path.exists():
-        raise ValueError(f"{path} is not a model: {MODEL_HELP}")
-    raise FileNotFoundError(f"{path} does not exist: {MODEL_HELP}")
-
 
 # ---- rendering --------------------------------------------------------------------------------
 
@@ -177,7 +96,7 @@ def style_mix(g: nn.Module, row_seeds: Sequence[int], col_seeds: Sequence[int], 
     """
     bad = [i for i in layers if not 0 <= i < g.num_ws]
     if bad or not layers:
-        raise ValueError(f"layers must be ws indices in 0-{g.num_ws - 1} for this model, got {list(layers)}")
+        raise ConfigError(f"layers must be ws indices in 0-{g.num_ws - 1} for this model, got {list(layers)}")
     w_rows = seeds_to_w(g, row_seeds, truncation_psi)
     w_cols = seeds_to_w(g, col_seeds, truncation_psi)
     ws = w_rows[:, None, None, :].repeat(1, len(col_seeds), g.num_ws, 1)  # [R, C, num_ws, D]
@@ -217,9 +136,9 @@ def interpolate(g: nn.Module, seeds: Sequence[int], frames_per_seed: int, loop: 
         truncation_psi: applied to every frame. batch: images per synthesis pass.
     """
     if len(seeds) < 2 or frames_per_seed < 1:
-        raise ValueError("an interpolation needs at least 2 seeds and 1 frame per seed")
+        raise ConfigError("an interpolation needs at least 2 seeds and 1 frame per seed")
     if space not in ("w", "z"):
-        raise ValueError(f"space must be 'w' or 'z', got {space!r}")
+        raise ConfigError(f"space must be 'w' or 'z', got {space!r}")
     keys = seeds_to_z(seeds, g.style_dim, _device_of(g)) if space == "z" else seeds_to_w(g, seeds, truncation_psi)
     pairs = list(zip(keys[:-1], keys[1:])) + ([(keys[-1], keys[0])] if loop else [])
     t = torch.arange(frames_per_seed, device=keys.device, dtype=keys.dtype) / frames_per_seed
@@ -232,13 +151,13 @@ def interpolate(g: nn.Module, seeds: Sequence[int], frames_per_seed: int, loop: 
 
 
 def check_video_path(path: str | Path) -> Path:
-    """``path`` as a Path if :func:`save_video` can write it; else ValueError saying what to do."""
+    """``path`` as a Path if :func:`save_video` can write it; else ConfigError saying what to do."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".gif", ".mp4"):
-        raise ValueError(f"unsupported video format {path.suffix!r}; write a .gif or an .mp4")
+        raise ConfigError(f"unsupported video format {path.suffix!r}; write a .gif or an .mp4")
     if suffix == ".mp4" and not all(importlib.util.find_spec(m) for m in ("imageio", "imageio_ffmpeg")):
-        raise ValueError('writing .mp4 needs imageio and imageio-ffmpeg: pip install "stylenat[video]" (or write a .gif)')
+        raise ConfigError('writing .mp4 needs imageio and imageio-ffmpeg: pip install "stylenat[video]" (or write a .gif)')
     return path
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from stylenat.metrics.features import FeatureStats, dataset_features, seeded_features, seeds_to_z
+from stylenat.metrics.features import FeatureStats, dataset_features, seeded_features
+from stylenat.models import seeds_to_z
 from stylenat.metrics.fid import compare
 
 

@@ -9,7 +9,8 @@ import torch
 import stylenat.metrics.fid as fid_module
 from stylenat.cli import main
 from stylenat.metrics.distances import frechet_distance
-from stylenat.metrics.features import generator_features, seeds_to_z
+from stylenat.metrics.features import generator_features
+from stylenat.models import seeds_to_z
 
 
 @pytest.fixture

@@ -19,12 +19,12 @@ from stylenat.train.checkpoint import (
     capture_rng,
     checkpoint_dirs,
     latest_checkpoint,
-    model_file_in,
     optimizer_from_flat,
     optimizer_to_flat,
     restore_rng,
     save_checkpoint,
 )
+from stylenat.models.io import find_model_file
 from stylenat.train.optim import make_adam
 from stylenat.train.sampler import ShardedStream
 
@@ -41,8 +41,8 @@ def test_keeps_last_k_and_points_to_latest(tmp_path):
         save_checkpoint(tmp_path, step, _write_text(str(step)), keep=2)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-000000003", "step-000000004"]
     assert latest_checkpoint(tmp_path).name == "step-000000004"
-    assert model_file_in(tmp_path).read_text() == "4"
-    assert model_file_in(tmp_path / "step-000000003").read_text() == "3"
+    assert find_model_file(tmp_path).read_text() == "4"
+    assert find_model_file(tmp_path / "step-000000003").read_text() == "3"
 
 
 def test_failure_mid_save_leaves_previous_checkpoint(tmp_path):
@@ -78,7 +78,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert latest_checkpoint(tmp_path).name == "step-000000001"
-    assert model_file_in(tmp_path).read_text() == "good"
+    assert find_model_file(tmp_path).read_text() == "good"
     # The next save clears the half-written temporary directory.
     save_checkpoint(tmp_path, 3, _write_text("next"), keep=3)
     assert not list(tmp_path.glob(".tmp-*"))

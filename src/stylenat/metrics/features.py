@@ -144,12 +144,6 @@ def dataset_features(path: str | os.PathLike, extractor: Extractor, resolution: 
     return stats
 
 
-def seeds_to_z(seeds: Sequence[int], dim: int, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Latents [len(seeds), dim], each drawn from N(0, I) by its own seeded generator, so an image
-    depends on its seed only (not on the batch it is drawn in)."""
-    return torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
-
-
 def seeded_features(make_images: Callable[[Sequence[int]], torch.Tensor], num: int, batch: int,
                     extractor: Extractor, seed: int = 0, keep_features: bool = False,
                     progress: bool = True) -> FeatureStats:
@@ -175,7 +169,7 @@ def generator_features(g: torch.nn.Module, num: int, batch: int = 32, seed: int 
         num: images. batch: images per forward. seed: first seed. truncation_psi: 1.0 = none (FID).
         extractor: default: load_inception() on g's device. keep_features, progress: as in `extract`.
     """
-    from stylenat.models import model_to_uint8
+    from stylenat.models import model_to_uint8, seeds_to_z
 
     device = next(g.parameters()).device
     extractor = extractor or load_inception(device=device)

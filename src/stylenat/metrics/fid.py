@@ -36,7 +36,7 @@ def compare(fake: FeatureStats, real: FeatureStats, kid: bool = False, kid_subse
 
 def is_image_set(path: str | os.PathLike) -> bool:
     """True for "demo", a .zip file, or a folder that is not a training run (no config.json or
-    checkpoints/); anything else is a model for stylenat.load (.pt files are zips too: not by content)."""
+    checkpoints/); anything else is a model file (.pt files are zips too: not by content)."""
     path = Path(path)
     if path.is_dir():
         return not (path / "config.json").exists() and not (path / "checkpoints").is_dir()
@@ -49,7 +49,7 @@ def evaluate(first: str | os.PathLike | torch.nn.Module, real: str | os.PathLike
     """FID (and KID) of a generator or an image set against a real image set.
 
     Args:
-        first: a generator module, an image folder/zip, or a model file/run directory for stylenat.load.
+        first: a generator module, an image folder/zip, or a model file or run directory.
         real: image folder or zip (or "demo"); its statistics are cached (see dataset_features).
         num: images of `first` (generated, or the first `num` of the set); the real set is used whole.
         kid: also compute KID (keeps all features in memory: num x 2048 floats per side).
@@ -61,9 +61,9 @@ def evaluate(first: str | os.PathLike | torch.nn.Module, real: str | os.PathLike
     extractor = load_inception(inception, device=device)
     first_is_images = not isinstance(first, torch.nn.Module) and is_image_set(first)
     if not first_is_images and not isinstance(first, torch.nn.Module):
-        import stylenat
+        from stylenat.models.io import load_model
 
-        first = stylenat.load(first, which="g_ema", device=device)
+        first = load_model(first, which="g_ema", device=device)
     resolution = resolution or (None if first_is_images else first.resolution)
     if resolution is None:
         raise ValueError("comparing two image sets needs a resolution to read both at (--resolution)")

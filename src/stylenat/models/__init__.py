@@ -9,6 +9,7 @@ from stylenat.models.config import PRESETS, DiscriminatorConfig, GeneratorConfig
 from stylenat.models.discriminator import Discriminator
 from stylenat.models.generator import Generator
 from stylenat.models.io import load_model, save_model
+from stylenat.models.loading import default_device, resolve_model
 
 __all__ = [
     "PRESETS",
@@ -23,6 +24,9 @@ __all__ = [
     "uint8_to_model",
     "save_model",
     "load_model",
+    "resolve_model",
+    "default_device",
+    "seeds_to_z",
 ]
 
 
@@ -52,3 +56,9 @@ def uint8_to_model(x: Tensor, cfg: GeneratorConfig) -> Tensor:
     """uint8 pixels [B, 3, S, S] -> float32 in the model's space: (x / 255 - mean) / std."""
     mean, std = _mean_std(x, cfg)
     return (x.float() / 255 - mean) / std
+
+
+def seeds_to_z(seeds, dim: int, device: str | torch.device = "cpu") -> Tensor:
+    """Latents [len(seeds), dim], each drawn from N(0, I) by its own seeded CPU generator, so an
+    image depends on its seed only (not on the batch or the device it is drawn on)."""
+    return torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)

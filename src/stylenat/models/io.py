@@ -14,6 +14,11 @@ On-disk layout::
 
 Generators ("g", "g_ema", or any name starting with "g") are rebuilt from g_config, the
 discriminator ("d") from d_config. Files are written atomically (temp file, fsync, rename).
+
+Where model files live in a training run: ``<run>/checkpoints/step-<9 digits>/model.safetensors``;
+:func:`find_model_file` turns a run directory, a ``checkpoints/`` directory or a checkpoint
+directory into the model file of its newest checkpoint. A ``step-*`` directory is complete by
+construction (the trainer renames it into place only after every file in it is written and fsynced).
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ import torch
 from torch import nn
 
 from stylenat._system import atomic_path
+from stylenat.errors import MissingFileError, ModelFileError
 from stylenat.models.config import DiscriminatorConfig, GeneratorConfig
 
-__all__ = ["save_model", "load_model", "read_model_file", "resolve_model_path", "FORMAT"]
+__all__ = ["save_model", "load_model", "read_model_file", "find_model_file", "checkpoint_dirs", "latest_checkpoint",
+           "FORMAT", "MODEL_FILE", "CHECKPOINT_PREFIX"]
 
 FORMAT = "stylenat-model/1"
+MODEL_FILE = "model.safetensors"  # a checkpoint directory's G, G_ema and D
+CHECKPOINT_PREFIX = "step-"
 
 
 def save_model(
@@ -61,12 +70,35 @@ def save_model(
     return path
 
 
-def resolve_model_path(path) -> Path:
-    """The model file ``path`` names. (The training part extends this to run directories.)"""
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Checkpoint directories ``step-*`` under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint directory under ``root``, or None."""
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def find_model_file(path: str | Path) -> Path:
+    """The model file that ``path`` names: a file as it is; a checkpoint directory's model file;
+    the newest checkpoint's of a run directory or of a ``checkpoints/`` directory."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path} (expected a .safetensors file written by stylenat)")
-    return path
+    if not path.exists():
+        raise MissingFileError(f"{path} does not exist (expected a stylenat model file or a run directory)")
+    if not path.is_dir():
+        return path
+    if (path / MODEL_FILE).is_file():
+        return path / MODEL_FILE
+    for root in (path / "checkpoints", path):
+        ckpt = latest_checkpoint(root)
+        if ckpt is not None:
+            return ckpt / MODEL_FILE
+    raise MissingFileError(f"{path} is a directory without checkpoints (expected a run directory or a checkpoint)")
 
 
 def read_model_file(path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
@@ -74,17 +106,29 @@ def read_model_file(path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = resolve_model_path(path)
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
+    path = find_model_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as exc:  # safetensors has its own error types for foreign, truncated or corrupt files
+        raise ModelFileError(f"{path} is not a readable stylenat model file ({_first_line(exc)}); "
+                             "it may be truncated or of another kind") from None
     if raw.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a stylenat model file (format {raw.get('format')!r}, expected {FORMAT!r})")
-    meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
-    states: dict[str, dict[str, torch.Tensor]] = {name: {} for name in meta["modules"]}
-    for key, value in load_file(str(path)).items():
-        name, _, rest = key.partition(".")
-        states[name][rest] = value
+        raise ModelFileError(f"{path} is not a stylenat model file (format {raw.get('format')!r}, expected {FORMAT!r})")
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+        states: dict[str, dict[str, torch.Tensor]] = {name: {} for name in meta["modules"]}
+        for key, value in load_file(str(path)).items():
+            name, _, rest = key.partition(".")
+            states[name][rest] = value
+    except Exception as exc:
+        raise ModelFileError(f"{path} is a damaged stylenat model file ({_first_line(exc)})") from None
     return meta, states
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def load_model(path, which: str = "g_ema", device="cpu") -> nn.Module:
@@ -94,14 +138,15 @@ def load_model(path, which: str = "g_ema", device="cpu") -> nn.Module:
 
     meta, states = read_model_file(path)
     if which not in states:
-        raise ValueError(f"{path} holds modules {sorted(states)}, not {which!r}")
+        raise ModelFileError(f"{path} holds modules {sorted(states)}, not {which!r}")
     if which.startswith("g"):
         module = Generator(GeneratorConfig.from_dict(meta["g_config"]))
     elif meta["d_config"] is not None:
         module = Discriminator(DiscriminatorConfig.from_dict(meta["d_config"]))
     else:
-        raise ValueError(f"{path} stores {which!r} but no discriminator config")
-    missing, unexpected = module.load_state_dict(states[which], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match its config for {which!r}: missing {missing}, unexpected {unexpected}")
+        raise ModelFileError(f"{path} stores {which!r} but no discriminator config")
+    try:
+        module.load_state_dict(states[which])
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+        raise ModelFileError(f"{path} does not match its own config for {which!r}: {_first_line(exc)}") from None
     return module.to(device).eval()

@@ -1,7 +1,6 @@
 """Training: the recipe (TrainConfig), the loop, checkpoints and distributed set-up."""
 
-from stylenat.train.checkpoint import latest_checkpoint, model_file_in
 from stylenat.train.config import TRAIN_PRESETS, TrainConfig, get_train_preset
 from stylenat.train.loop import NonFiniteError, resume, train
 
-__all__ = ["TRAIN_PRESETS", "NonFiniteError", "TrainConfig", "get_train_preset", "latest_checkpoint", "model_file_in", "resume", "train"]
+__all__ = ["TRAIN_PRESETS", "NonFiniteError", "TrainConfig", "get_train_preset", "resume", "train"]

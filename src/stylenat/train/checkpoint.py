@@ -19,8 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-MODEL_FILE = "model.safetensors"  # G, G_ema and D in the models part's file format (stylenat.load reads it)
-_PREFIX = "step-"
+from stylenat.models.io import CHECKPOINT_PREFIX, MODEL_FILE, checkpoint_dirs, latest_checkpoint
 
 
 def _fsync(path: Path) -> None:
@@ -31,43 +30,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest checkpoint. Every ``step-*`` directory is complete: it is renamed into place only
-    after all its files are written and fsynced, so no separate pointer is needed (one written after
-    the rename could be left stale by a kill in between)."""
-    dirs = checkpoint_dirs(Path(root))
-    return dirs[-1] if dirs else None
-
-
-def model_file_in(path: str | Path) -> Path:
-    """The model file of a run directory (its latest checkpoint), a checkpoint directory or a
-    ``checkpoints/`` directory; any other path is returned unchanged."""
-    path = Path(path)
-    if not path.is_dir():
-        return path
-    if (path / MODEL_FILE).is_file():
-        return path / MODEL_FILE
-    for root in (path / "checkpoints", path):
-        ckpt = latest_checkpoint(root)
-        if ckpt is not None:
-            return ckpt / MODEL_FILE
-    raise FileNotFoundError(f"{path} is a directory without checkpoints (expected a run directory or a checkpoint)")
-
-
 def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
     """Create checkpoint ``step`` by calling ``write(directory)``, atomically; keep the newest ``keep``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    final = root / f"{_PREFIX}{step:09d}"
+    final = root / f"{CHECKPOINT_PREFIX}{step:09d}"
     if final.exists():
         raise FileExistsError(f"checkpoint {final} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))

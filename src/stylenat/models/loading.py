@@ -1,0 +1,82 @@
+"""Load a model from whatever a user points at: a run, a checkpoint, a model file, an official .pt."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stylenat.errors import ConfigError, MissingFileError, ModelFileError
+from stylenat.models.io import find_model_file, load_model
+
+__all__ = ["default_device", "resolve_model", "MODEL_HELP"]
+
+MODEL_HELP = ("expected a training run directory, a stylenat .safetensors model file, or an official "
+              "StyleNAT .pt checkpoint (with --preset or --meta)")
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or CUDA when present, else the CPU."""
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _is_safetensors(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except Exception:  # safetensors raises its own error type for foreign files
+        return False
+
+
+def resolve_model(path: str | Path, preset: str | None = None, meta: str | Path | dict | None = None,
+                  which: str = "g_ema", device: str | torch.device | None = None) -> nn.Module:
+    """Load a generator (or ``which`` module) from whatever the user points at, in eval mode.
+
+    Args:
+        path: a training run directory (its latest checkpoint), a checkpoint directory, a
+            stylenat ``.safetensors`` model file, or an official StyleNAT ``.pt`` checkpoint.
+        preset: for official checkpoints: the preset they were trained with (e.g. "ffhq256").
+        meta: for official checkpoints instead of ``preset``: a configuration dict or a JSON
+            file of it (the official configuration terms, see ``stylenat.models.official``).
+        which: module to load: "g_ema" (default), "g" or "d".
+        device: where to put it; default CUDA when present.
+    """
+    path, device = Path(path), default_device(device)
+    if not path.exists():
+        raise MissingFileError(f"{path} does not exist: {MODEL_HELP}")
+    if path.is_dir():
+        return load_model(find_model_file(path), which=which, device=device)
+    if zipfile.is_zipfile(path):  # torch.save archives are zip files
+        if preset is None and meta is None:
+            raise ConfigError(f"{path} looks like an official StyleNAT checkpoint; say how it was configured "
+                              f"with --preset (e.g. ffhq256) or --meta META.json")
+        from stylenat.models.official import load_official_checkpoint
+
+        if isinstance(meta, (str, Path)):
+            meta = read_official_meta(meta)
+        modules = load_official_checkpoint(path, meta if meta is not None else preset)
+        if which not in modules:
+            raise ModelFileError(f"{path} holds {sorted(modules)}, not {which!r}")
+        return modules[which].to(device)
+    if _is_safetensors(path) or path.suffix == ".safetensors":
+        return load_model(path, which=which, device=device)
+    raise ModelFileError(f"{path} is not a model: {MODEL_HELP}")
+
+
+def read_official_meta(path: str | Path) -> dict:
+    """An official configuration (``--meta``) from its JSON file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"no configuration file at {path} (--meta expects a JSON file)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path} must hold a JSON object with the official configuration")
+    return meta
