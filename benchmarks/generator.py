@@ -1,7 +1,7 @@
 """Generator throughput and peak memory: prints a table, writes benchmarks/results/generator_<device>.json.
 
 CPU: img/s of a freshly initialised generator at batch 1 and 8 for ffhq256 and tiny. CUDA: the
-paper's protocol (SPEC "Evaluation protocol"): batch 1 (and 8), 10 warm-up passes, 500 timed
+paper's protocol: batch 1 (and 8), 10 warm-up passes, 500 timed
 passes with CUDA events, fp32/TF32 and bf16 autocast. Timing is `stylenat.metrics.throughput`
 (the same code as `stylenat bench`); each case runs in its own process so that its peak memory
 (peak RSS on CPU, max_memory_allocated on CUDA) is its own.

@@ -1,7 +1,10 @@
-"""Shared test set-up: the slow/gpu markers and the official fixtures beside the project."""
+"""Shared test set-up: the slow/gpu markers and where the official parity fixtures are."""
 
 from __future__ import annotations
 
+import argparse
+import gzip
+import json
 import os
 from pathlib import Path
 
@@ -23,20 +26,53 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def official_fixture_dir() -> Path | None:
-    """../shared/fixtures/official beside the project root, or $STYLENAT_OFFICIAL_FIXTURES."""
+COMMITTED_OFFICIAL_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official"
+
+
+def official_fixture_dir() -> Path:
+    """The official parity fixtures: $STYLENAT_OFFICIAL_FIXTURES, then ../shared/fixtures/official
+    beside the project root (the full set), then the compact copies committed in tests/fixtures/official.
+
+    An explicitly set $STYLENAT_OFFICIAL_FIXTURES that is not a directory is an error rather than a
+    silent fall-back, so a typo cannot pass the suite on other fixtures than the ones asked for.
+    """
     env = os.environ.get("STYLENAT_OFFICIAL_FIXTURES")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official")
-    for path in candidates:
-        if path.is_dir():
-            return path
-    return None
+    if env:
+        if not Path(env).is_dir():
+            raise pytest.UsageError(f"$STYLENAT_OFFICIAL_FIXTURES={env!r} is not a directory")
+        return Path(env)
+    shared = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
+    return shared if shared.is_dir() else COMMITTED_OFFICIAL_FIXTURES
+
+
+def official_tags(path: Path) -> list[str]:
+    """The fixture tags in ``path``: one per ``<tag>_meta.json`` (with its checkpoint and expected)."""
+    return sorted(p.name[: -len("_meta.json")] for p in path.glob("*_meta.json"))
+
+
+def official_shapes(path: Path) -> dict:
+    """official_state_shapes.json, or its gzip-compressed copy (the committed compact set)."""
+    plain = path / "official_state_shapes.json"
+    if plain.is_file():
+        return json.loads(plain.read_text())
+    return json.loads(gzip.decompress((path / "official_state_shapes.json.gz").read_bytes()))
+
+
+def load_official_archive(path: Path) -> dict:
+    """An official checkpoint as stored ({'g', 'd', 'g_ema', 'args'}, some may be dropped)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="session")
 def official_dir() -> Path:
-    path = official_fixture_dir()
-    if path is None:
-        pytest.skip("official fixtures not found (../shared/fixtures/official or $STYLENAT_OFFICIAL_FIXTURES)")
-    return path
+    return official_fixture_dir()
+
+
+@pytest.fixture(scope="session")
+def official_tag(official_dir) -> str:
+    """One checkpoint tag for the tests that need just one: small32_hydra_uneven (the smallest,
+    with a discriminator) where present, else the first tag found."""
+    tags = official_tags(official_dir)
+    assert tags, f"no <tag>_meta.json in {official_dir}"
+    return "small32_hydra_uneven" if "small32_hydra_uneven" in tags else tags[0]

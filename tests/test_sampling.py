@@ -4,6 +4,7 @@ against hand-built latents, frame counts, model resolution and its one-line erro
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -167,15 +168,16 @@ def test_run_directory(model_file, tmp_path):
     assert torch.equal(generate(g, [1]), generate(resolve_model(model_file, device="cpu"), [1]))
 
 
-def test_official_checkpoint_needs_its_configuration(official_dir, tmp_path):
-    ckpt = official_dir / "small32_hydra_uneven_checkpoint.pt"
-    meta = official_dir / "small32_hydra_uneven_meta.json"
+def test_official_checkpoint_needs_its_configuration(official_dir, official_tag, tmp_path):
+    ckpt = official_dir / f"{official_tag}_checkpoint.pt"
+    meta = official_dir / f"{official_tag}_meta.json"
     g = resolve_model(ckpt, meta=meta, device="cpu")
-    expected = torch.load(official_dir / "small32_hydra_uneven_expected.pt", weights_only=True)
+    expected = torch.load(official_dir / f"{official_tag}_expected.pt", weights_only=True)
     with torch.no_grad():
         raw = g.synthesis(g.mapping(expected["z"][:1])[:, None].expand(-1, g.num_ws, -1))
     # unit-scale random weights give pixels up to ~10; the parity tests hold the tight tolerance
     assert torch.allclose(raw, expected["image"][:1].to(raw), atol=2e-3, rtol=1e-3)
     out = tmp_path / "official"
     assert main(["generate", str(ckpt), "--meta", str(meta), "--seeds", "0-1", "--out", str(out)]) == 0
-    assert png_size(out / "seed0001.png") == (32, 32)
+    size = json.loads(meta.read_text())["size"]
+    assert png_size(out / "seed0001.png") == (size, size)

@@ -1,7 +1,7 @@
 """Where each head group of the generator looks: the exact attention weights at one query pixel.
 
 The weights are recomputed from the real q, k, v of each Hydra-NA layer (captured with forward
-hooks during one synthesis pass) and the window rule of the SPEC, independently of the na2d
+hooks during one synthesis pass) and the window rule of natten 0.17, independently of the na2d
 backends; the tests check them against na2d's output.
 """
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from stylenat.errors import ConfigError
 from stylenat.nn.attention import HydraNeighborhoodAttention
 
 __all__ = ["axis_window", "attention_weights", "AttentionMap", "attention_maps", "render_attention_maps"]
@@ -22,7 +23,7 @@ __all__ = ["axis_window", "attention_weights", "AttentionMap", "attention_maps",
 def axis_window(length: int, kernel: int, dilation: int, i: int) -> tuple[list[int], list[int]]:
     """The keys pixel ``i`` of an axis sees: (key pixels, their bias offsets key_sub - i_sub + kernel - 1).
 
-    Rule (SPEC "Neighborhood attention, exactly"): group g = i mod d, sub-position j = i div d,
+    Rule (natten 0.17, see stylenat.nn.attention): group g = i mod d, sub-position j = i div d,
     group length ceil((L - g) / d), window start clamp(j - k // 2, 0, group length - k).
     """
     g, j = i % dilation, i // dilation
@@ -43,7 +44,7 @@ def attention_weights(attn: HydraNeighborhoodAttention, x: Tensor, y: int, x_pos
     """
     b, h, w, _ = x.shape
     if not (0 <= y < h and 0 <= x_pos < w):
-        raise ValueError(f"query pixel ({y}, {x_pos}) is outside the {h}x{w} map")
+        raise ConfigError(f"query pixel ({y}, {x_pos}) is outside the {h}x{w} map")
     q, k, _ = attn.qkv_heads(x)
     out, start = [], 0
     for nh, (ky, kx), (dy, dx), table in zip(attn.group_heads, attn.kernel_sizes, attn.dilations, attn.rpb_tables()):
@@ -98,12 +99,12 @@ def attention_maps(g: nn.Module, seed: int, pixel: tuple[int, int], resolutions:
     size = g.resolution
     py, px = pixel
     if not (0 <= py < size and 0 <= px < size):
-        raise ValueError(f"pixel ({py}, {px}) is outside the {size}x{size} image")
+        raise ConfigError(f"pixel ({py}, {px}) is outside the {size}x{size} image")
     stages = {4 * 2**s: stage for s, stage in enumerate(g.synthesis.stages)}
     wanted = sorted(stages) if resolutions is None else sorted(set(resolutions))
     unknown = [r for r in wanted if r not in stages]
     if unknown:
-        raise ValueError(f"no stage at resolution(s) {unknown}; this model has {sorted(stages)}")
+        raise ConfigError(f"no stage at resolution(s) {unknown}; this model has {sorted(stages)}")
     captured: dict[tuple[int, int], Tensor] = {}
     hooks = [
         block.attn.register_forward_pre_hook(lambda m, args, key=(r, j): captured.__setitem__(key, args[0]))

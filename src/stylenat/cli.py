@@ -1,14 +1,17 @@
 """The `stylenat` command: one entry point, one sub-command per job.
 
-Each sub-command parses its arguments and calls one library function; errors a user can cause
-surface as one line on stderr and exit status 2, not a traceback.
+Each sub-command parses its arguments and calls one library function. Errors a user can cause
+(:class:`stylenat.errors.UserError`) surface as one line on stderr and exit status 2; any other
+exception is a bug and keeps its traceback. ``STYLENAT_DEBUG=1`` shows the traceback of user
+errors too. Exit statuses: 0 done, 1 a bug, 2 a user error, 3 training stopped on a non-finite
+loss, 75 training stopped by a signal after writing a checkpoint (resume it), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-
 
 from stylenat.errors import ConfigError, UserError
 
@@ -80,9 +83,8 @@ def _assignments(items: list[str], flag: str) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from stylenat.train import NonFiniteError, get_train_preset, resume, train
+    from stylenat.train import NonFiniteError, TrainingStopped, get_train_preset, resume, train
+    from stylenat.train.signals import STOPPED_EXIT_STATUS
 
     try:
         if args.resume:
@@ -94,17 +96,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  "accum": args.accum, "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every,
                  "keep": args.keep, "device": args.device, "amp": args.amp, "workers": args.workers,
                  "tick_every": args.tick_every, "on_nonfinite": args.on_nonfinite, "metrics_every": args.metrics_every,
-                 "inception": args.inception, "metrics": tuple(args.metrics.split(",")) if args.metrics else None}
+                 "inception": args.inception, "metrics": tuple(args.metrics.split(",")) if args.metrics else None,
+                 "checkpoint_minutes": args.checkpoint_minutes, "deterministic": args.deterministic}
         values = {**_assignments(args.set, "--set"), **{k: v for k, v in flags.items() if v is not None}}
         values["generator"] = _assignments(args.generator, "--generator")
         values["discriminator"] = _assignments(args.discriminator, "--discriminator")
-        train(dataclasses.replace(get_train_preset(args.preset), **values))
+        train(get_train_preset(args.preset).replace(**values))
     except NonFiniteError as exc:
         print(f"stylenat train: stopped: {exc}; the last checkpoint is intact (resume with --resume, "
               f"or pass --on-nonfinite skip)", file=sys.stderr)
         return 3
-    except TypeError as exc:  # dataclasses.replace with a misspelled --set field
-        raise UserError(str(exc)) from exc
+    except TrainingStopped as exc:
+        print(f"stylenat train: {exc}; continue with: stylenat train --resume {exc.checkpoint.parents[1]}", file=sys.stderr)
+        return STOPPED_EXIT_STATUS
     return 0
 
 
@@ -254,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a generator (or --resume a run directory)",
                        description="Train StyleNAT. Unset options come from the preset's TrainConfig; "
-                                   "--set changes any other TrainConfig field.")
+                                   "--set changes any other TrainConfig field.",
+                       epilog="SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 stop the run after the current step with a "
+                              "checkpoint and exit status 75 (a second signal stops at once); --resume continues it. "
+                              "Exit status 3: stopped on a non-finite loss; 2: a user error.")
     p.add_argument("--preset", default="ffhq256", help="model and training preset: ffhq256, ffhq1024, church256, tiny")
     p.add_argument("--data", help="dataset folder or zip, or 'demo' for the built-in faces")
     p.add_argument("--run-dir", help="output directory: config.json, log.txt, stats.jsonl, image grids, checkpoints/")
@@ -274,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="metrics of g_ema against --data during training, e.g. fid50k or fid10k,kid10k")
     p.add_argument("--metrics-every", type=int, help="steps between metric evaluations")
     p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth for --metrics")
+    p.add_argument("--checkpoint-minutes", type=float, help="also checkpoint when this many minutes passed since the last one")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic kernels (needed for bitwise-repeatable runs on CUDA; slower)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any TrainConfig field, e.g. d_lr=1e-3")
     p.add_argument("--generator", action="append", default=[], metavar="FIELD=VALUE", help="override a GeneratorConfig field (JSON value)")
     p.add_argument("--discriminator", action="append", default=[], metavar="FIELD=VALUE", help="override a DiscriminatorConfig field (JSON value)")
@@ -368,10 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = os.environ.get("STYLENAT_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as exc:
-        print(f"stylenat {args.command}: error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"stylenat {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"stylenat {args.command}: interrupted", file=sys.stderr)

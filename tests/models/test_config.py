@@ -1,4 +1,4 @@
-"""Configs, presets and parameter counts against the official numbers (SPEC)."""
+"""Configs, presets and parameter counts against the official numbers (paper and official code)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from stylenat.models import PRESETS, DiscriminatorConfig, GeneratorConfig, build_discriminator, build_generator, get_preset
 
-# Confirmed by building the official code (SPEC "Headline results", fixtures' official_state_shapes.json).
+# Confirmed by building the official code (the paper's table, the fixtures' official_state_shapes.json).
 OFFICIAL_PARAMS = {
     "ffhq256": (48_921_000, 26_211_585),
     "ffhq1024": (49_452_934, 27_736_641),
@@ -63,7 +63,7 @@ def test_impossible_configs_raise(changes, message):
 
 
 def test_unknown_fields_and_presets_raise():
-    with pytest.raises(ValueError, match="unknown GeneratorConfig fields"):
+    with pytest.raises(ValueError, match=r"unknown GeneratorConfig field\(s\)"):
         GeneratorConfig.from_dict(_tiny_with(depth=3))
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("ffhq512")

@@ -1,4 +1,4 @@
-"""Generator/discriminator API, latents, truncation, init (SPEC "Init") and the output space."""
+"""Generator/discriminator API, latents, truncation, the official init and the output space."""
 
 from __future__ import annotations
 

@@ -13,7 +13,12 @@ from stylenat.models.discriminator import Discriminator
 from stylenat.models.generator import Generator
 from stylenat.models.official import config_from_official, load_official_checkpoint, map_official_state, official_meta
 
-TAGS = ["small64_legacy", "small32_hydra_uneven"]
+from ..conftest import load_official_archive, official_fixture_dir, official_shapes, official_tags
+
+# The tags of the fixture directory in use (the committed compact set holds small32_hydra_uneven;
+# the full set also small64_legacy); a directory without any is an error, not a skip.
+TAGS = official_tags(official_fixture_dir())
+assert TAGS, f"no <tag>_meta.json in {official_fixture_dir()}"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -26,23 +31,28 @@ def fixture(request, official_dir):
     meta = json.loads((official_dir / f"{tag}_meta.json").read_text())
     modules = load_official_checkpoint(official_dir / f"{tag}_checkpoint.pt", meta)
     expected = torch.load(official_dir / f"{tag}_expected.pt", weights_only=True)
-    return meta, modules, expected
+    # compact copies drop 'g' (and may drop 'd'): the loader returns the modules present
+    stored = set(load_official_archive(official_dir / f"{tag}_checkpoint.pt")) - {"args"}
+    return meta, modules, expected, stored
 
 
 def test_fixture_outputs_match_official(fixture):
-    meta, modules, e = fixture
-    g, d = modules["g_ema"], modules["d"]
+    meta, modules, e, stored = fixture
+    g = modules["g_ema"]
     assert sum(p.numel() for p in g.parameters()) == meta["generator_params"]
-    assert sum(p.numel() for p in d.parameters()) == meta["discriminator_params"]
     with torch.no_grad():
         assert _rel(g.mapping(e["z"]), e["w"]) < 1e-4
         assert _rel(g(e["z"]), e["image"]) < 1e-4
-        assert _rel(d(e["d_input"]), e["d_logits"]) < 1e-4
-    assert set(modules) == {"g", "g_ema", "d"} and not any(m.training for m in modules.values())
+    if "d" in stored:
+        d = modules["d"]
+        assert sum(p.numel() for p in d.parameters()) == meta["discriminator_params"]
+        with torch.no_grad():
+            assert _rel(d(e["d_input"]), e["d_logits"]) < 1e-4
+    assert set(modules) == stored and "g_ema" in stored and not any(m.training for m in modules.values())
 
 
 def test_fixture_w_avg_is_mean_w(fixture):
-    _, modules, _ = fixture
+    _, modules, _, _ = fixture
     g = modules["g_ema"]
     z = torch.randn(10000, g.style_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -56,7 +66,7 @@ def _fake_state(state: dict, buffers: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def shapes(official_dir):
-    return json.loads((official_dir / "official_state_shapes.json").read_text())
+    return official_shapes(official_dir)  # plain or .json.gz
 
 
 @pytest.mark.parametrize("tag", ["ffhq256_legacy", "ffhq256_hydra", "ffhq1024_legacy"])
@@ -80,19 +90,17 @@ def test_full_size_discriminator_keys_all_consumed(shapes, tag):
     assert sum(p.numel() for p in d.parameters()) == entry["discriminator_params"]
 
 
-def test_shape_mismatch_names_key_and_shapes(official_dir):
-    meta = json.loads((official_dir / "small32_hydra_uneven_meta.json").read_text())
-    meta["style_dim"] = 16  # the checkpoint's mapping is 32 wide
-    with pytest.raises(ValueError, match=r"'style\.1\.weight' has shape \[32, 32\] but 'mapping\.layers\.0\.weight' expects \[16, 16\]"):
-        load_official_checkpoint(official_dir / "small32_hydra_uneven_checkpoint.pt", meta)
+def test_shape_mismatch_names_key_and_shapes(official_dir, official_tag):
+    meta = json.loads((official_dir / f"{official_tag}_meta.json").read_text())
+    s = meta["style_dim"]
+    meta["style_dim"] = s // 2  # the checkpoint's mapping is s wide
+    with pytest.raises(ValueError, match=rf"'style\.1\.weight' has shape \[{s}, {s}\] but 'mapping\.layers\.0\.weight' expects \[{s // 2}, {s // 2}\]"):
+        load_official_checkpoint(official_dir / f"{official_tag}_checkpoint.pt", meta)
 
 
-def test_missing_and_unexpected_keys_are_named(official_dir, tmp_path):
-    import argparse
-
-    tag = "small32_hydra_uneven"
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(official_dir / f"{tag}_checkpoint.pt", weights_only=True)
+def test_missing_and_unexpected_keys_are_named(official_dir, official_tag, tmp_path):
+    tag = official_tag
+    ckpt = load_official_archive(official_dir / f"{tag}_checkpoint.pt")
     ckpt["g_ema"]["extra.weight"] = ckpt["g_ema"].pop("to_rgbs.0.bias")
     torch.save(ckpt, tmp_path / "bad.pt")
     meta = json.loads((official_dir / f"{tag}_meta.json").read_text())
@@ -100,17 +108,18 @@ def test_missing_and_unexpected_keys_are_named(official_dir, tmp_path):
         load_official_checkpoint(tmp_path / "bad.pt", meta)
 
 
-def test_cli_convert_official(official_dir, tmp_path, capsys):
+def test_cli_convert_official(official_dir, official_tag, tmp_path, capsys):
     import stylenat
 
     out = tmp_path / "small.safetensors"
-    tag = "small32_hydra_uneven"
+    tag = official_tag
     assert main(["convert-official", str(official_dir / f"{tag}_checkpoint.pt"), str(out),
                  "--meta", str(official_dir / f"{tag}_meta.json")]) == 0
     e = torch.load(official_dir / f"{tag}_expected.pt", weights_only=True)
     with torch.no_grad():
         assert _rel(stylenat.load(out)(e["z"]), e["image"]) < 1e-4
-        assert _rel(stylenat.load(out, which="d")(e["d_input"]), e["d_logits"]) < 1e-4
+        if "d" in load_official_archive(official_dir / f"{tag}_checkpoint.pt"):
+            assert _rel(stylenat.load(out, which="d")(e["d_input"]), e["d_logits"]) < 1e-4
     assert main(["convert-official", str(official_dir / f"{tag}_checkpoint.pt"), str(out)]) == 2
     assert "exactly one of --preset" in capsys.readouterr().err
 

@@ -120,6 +120,7 @@ def test_full_attention_even_kernel():
 
 
 def test_natten_fixture_cases(official_dir):
+    # the full set's 7 cases, or the committed compact subset of them (tests/fixtures/official)
     cases = torch.load(official_dir / "natten0175_na2d_cases.pt", weights_only=True)
     assert len(cases) > 0
     for i, c in enumerate(cases):

@@ -4,61 +4,20 @@ non-finite handling and two-process torchrun."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 import torch
-from safetensors.torch import load_file
 
 import stylenat
-
-from stylenat.models.io import read_model_file
-from stylenat.train.checkpoint import checkpoint_dirs, latest_checkpoint
-
-# A 16px variant of the tiny preset: a few milliseconds per step, every code path of the loop.
-MICRO = [
-    "--preset", "tiny", "--data", "demo", "--batch", "4", "--tick-every", "5", "--sample-every", "10",
-    "--generator", "resolution=16", "--generator", "channels=[16,16,16]", "--generator", "heads=[2,2,2]",
-    "--generator", "kernels=[[4],[5],[5]]", "--generator", "dilations=[[1],[1],[1]]", "--generator", "style_dim=16", "--generator", "n_mlp=1",
-    "--discriminator", "resolution=16", "--discriminator", "channels=[16,16,16]", "--set", "grid=[2,2]", "--set", "r1_interval=3",
-]
-STEPS = 20
-# One thread per process: on a shared 2-core machine OpenMP spinning makes tiny ops 100x slower.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "stylenat", "train", *args], env=ENV, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    _, modules = read_model_file(ckpt / "model.safetensors")
-    tensors = {f"{m}.{k}": v for m, state in modules.items() for k, v in state.items()}
-    return {**tensors, **load_file(str(ckpt / "train_state.safetensors"))}
-
-
-def _assert_bitwise_equal(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    _cli(*MICRO, "--steps", str(STEPS), "--checkpoint-every", "5", "--seed", "7", "--run-dir", str(run_dir))
-    return run_dir
-
+from stylenat.models.io import checkpoint_dirs, latest_checkpoint, read_model_file
+from tests.train.helpers import ENV, MICRO, REFERENCE, STEPS
+from tests.train.helpers import assert_bitwise_equal as _assert_bitwise_equal
+from tests.train.helpers import cli as _cli
+from tests.train.helpers import final_state as _final_state
 
 def test_run_directory_layout(reference_run):
     names = {p.name for p in reference_run.iterdir()}
@@ -76,7 +35,7 @@ def test_run_directory_layout(reference_run):
 
 def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
     run_dir = tmp_path / "run"
-    args = [*MICRO, "--steps", str(STEPS), "--checkpoint-every", "5", "--seed", "7", "--run-dir", str(run_dir)]
+    args = [*REFERENCE, "--run-dir", str(run_dir)]
     proc = subprocess.Popen([sys.executable, "-m", "stylenat", "train", *args], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -107,7 +107,7 @@ def test_config_json_round_trip(name, tmp_path):
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="unknown TrainConfig fields: nope"):
+    with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\): 'nope'"):
         TrainConfig.from_dict({"nope": 1})
     with pytest.raises(ValueError, match="amp"):
         TrainConfig(amp="fp16")

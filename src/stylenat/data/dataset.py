@@ -19,6 +19,7 @@ from stylenat.data.demo import DEMO_SIZE, DEMO_VERSION, draw_face
 from stylenat.data.images import decode_image, pil_to_tensor, square_resize
 from stylenat.data.prepare import DATASET_FORMAT, DATASET_JSON, output_name
 from stylenat.data.sources import FileSource
+from stylenat.errors import ConfigError, DataError
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -63,7 +64,7 @@ class PreparedDataset(ImageDataset):
 
     def __init__(self, source: FileSource, meta: dict, resolution: int, xflip: bool = False):
         if meta["size"] != resolution:
-            raise ValueError(f"{source.path} holds {meta['size']}x{meta['size']} images but resolution "
+            raise DataError(f"{source.path} holds {meta['size']}x{meta['size']} images but resolution "
                              f"{resolution} was asked for; prepare it again with --size {resolution}")
         super().__init__(meta["count"], resolution, xflip)
         self.source, self.meta = source, meta
@@ -94,7 +95,7 @@ class RawDataset(ImageDataset):
         self.files = [n for n in source.names if is_image[n]]
         ignored = [n for n in source.names if not is_image[n]]
         if not self.files:
-            raise ValueError(f"no images found in {source.path}")
+            raise DataError(f"no images found in {source.path}")
         if ignored:
             shown = ", ".join(ignored[:10]) + (f", ... ({len(ignored)} in all)" if len(ignored) > 10 else "")
             warnings.warn(f"{source.path}: ignoring files that are not images: {shown}", stacklevel=3)
@@ -111,7 +112,7 @@ class RawDataset(ImageDataset):
             except Exception as exc:  # any undecodable file is skipped, not fatal mid-epoch
                 self._bad.add(j)
                 warnings.warn(f"{self.source.path}: skipping unreadable image {self.files[j]} ({exc})", stacklevel=2)
-        raise ValueError(f"none of the {self.num_images} images in {self.source.path} can be decoded")
+        raise DataError(f"none of the {self.num_images} images in {self.source.path} can be decoded")
 
     def _content_key(self):
         return [[n, self.source.sizes[n]] for n in self.files]
@@ -143,7 +144,7 @@ def open_dataset(path_or_demo: str | os.PathLike, resolution: int, *, xflip: boo
     the fly); resolution: image side in pixels; xflip: append mirrored copies (len doubles).
     """
     if not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+        raise ConfigError(f"resolution must be a positive integer, got {resolution!r}")
     if str(path_or_demo) == "demo":
         return DemoDataset(resolution, xflip)
     source = FileSource(path_or_demo)

@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from stylenat._system import atomic_path
+from stylenat.errors import ConfigError, DataError
+
 FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
@@ -80,7 +83,7 @@ def square_resize(img: Image.Image, size: int, filter: str = "lanczos", crop: st
         left, top = (w - side) // 2, (h - side) // 2
         img = img.crop((left, top, left + side, top + side))
     elif crop == "none" and w != h:
-        raise ValueError(f"not square ({w}x{h}); use crop 'center'")
+        raise DataError(f"not square ({w}x{h}); use crop 'center'")
     if img.size != (size, size):
         img = img.resize((size, size), FILTERS[filter])
     return img
@@ -89,11 +92,11 @@ def square_resize(img: Image.Image, size: int, filter: str = "lanczos", crop: st
 def check_resize_options(size: int, filter: str, crop: str) -> None:
     """Raise one clear ValueError for an impossible size, filter or crop setting."""
     if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
+        raise ConfigError(f"size must be a positive integer, got {size!r}")
     if filter not in FILTERS:
-        raise ValueError(f"unknown filter {filter!r}; choose one of {', '.join(FILTERS)}")
+        raise ConfigError(f"unknown filter {filter!r}; choose one of {', '.join(FILTERS)}")
     if crop not in CROPS:
-        raise ValueError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+        raise ConfigError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -122,6 +125,9 @@ def save_image_grid(images, path: str | Path, grid: tuple[int, int] | None = Non
     canvas[:n] = arr.transpose(0, 2, 3, 1)
     canvas = canvas.reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"cannot tell the image format of {path}; use a .png or .jpg name")
+    with atomic_path(path) as tmp:  # a run killed mid-write leaves the previous grid, not half a PNG
+        Image.fromarray(canvas).save(tmp, format=fmt)
     return path

@@ -26,6 +26,7 @@ from PIL import UnidentifiedImageError
 
 from stylenat.data.images import check_resize_options, decode_image, square_resize
 from stylenat.data.sources import FileSource
+from stylenat.errors import ConfigError, DataError
 
 DATASET_FORMAT = "stylenat-dataset"
 DATASET_JSON = "dataset.json"
@@ -157,10 +158,10 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size: int, f
     check_resize_options(size, filter, crop)
     source = FileSource(src)
     if not source.names:
-        raise ValueError(f"no files found in {source.path}")
+        raise DataError(f"no files found in {source.path}")
     dst = Path(dst)
     if dst.exists():
-        raise ValueError(f"{dst} already exists; remove it or choose another destination")
+        raise ConfigError(f"{dst} already exists; remove it or choose another destination")
     dst.parent.mkdir(parents=True, exist_ok=True)
 
     convert = functools.partial(_convert, source, size, filter, crop)
@@ -181,7 +182,7 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size: int, f
                     report.count += 1
                 ticker.tick(done, len(report.skipped))
         if report.count == 0:
-            raise ValueError(f"no images found in {source.path} ({len(report.skipped)} files could not be read)")
+            raise DataError(f"no images found in {source.path} ({len(report.skipped)} files could not be read)")
         meta = {
             "format": DATASET_FORMAT, "version": 1, "size": size, "count": report.count,
             "filter": filter, "crop": crop, "source": str(source.path.resolve()),

@@ -11,6 +11,8 @@ import os
 import zipfile
 from pathlib import Path
 
+from stylenat.errors import DataError, MissingFileError
+
 
 def _is_hidden(name: str) -> bool:
     """Hidden files and macOS resource forks (".DS_Store", "__MACOSX/._x.jpg") are never data."""
@@ -27,10 +29,10 @@ class FileSource:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"no such file or folder: {self.path}")
+            raise MissingFileError(f"no such file or folder: {self.path}")
         self.is_zip = self.path.is_file()
         if self.is_zip and not zipfile.is_zipfile(self.path):
-            raise ValueError(f"{self.path} is neither a folder nor a zip archive")
+            raise DataError(f"{self.path} is neither a folder nor a zip archive")
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid: int | None = None
         self.names, self.sizes = self._scan()

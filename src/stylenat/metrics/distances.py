@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from stylenat.errors import DataError
+
 # Relative size of a negative eigenvalue that is still round-off, not a broken covariance.
 _NEG_EIG_TOL = 1e-6
 
@@ -79,7 +81,7 @@ def kernel_inception_distance(feats1, feats2, subsets: int = 100, subset_size: i
     feats1, feats2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     size = min(subset_size, len(feats1), len(feats2))
     if size < 2:
-        raise ValueError("KID needs at least 2 images on each side")
+        raise DataError("KID needs at least 2 images on each side")
     rng = np.random.default_rng(seed)
     values = [mmd2_unbiased(feats1[rng.choice(len(feats1), size, replace=False)],
                             feats2[rng.choice(len(feats2), size, replace=False)])

@@ -14,6 +14,7 @@ import torch
 
 from stylenat._system import atomic_path
 from stylenat.data import open_dataset
+from stylenat.errors import DataError
 from stylenat.metrics.inception import cache_dir, load_inception
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]  # uint8 [B,3,H,W] -> features [B,D]; has .cache_key
@@ -47,7 +48,7 @@ class FeatureStats:
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu [D], sigma [D, D]); sigma with the n - 1 divisor, as numpy.cov and pytorch-fid use."""
         if self.num < 2:
-            raise ValueError(f"statistics need at least 2 images, got {self.num}")
+            raise DataError(f"statistics need at least 2 images, got {self.num}")
         mu = self._sum / self.num
         return mu, (self._outer - self.num * np.outer(mu, mu)) / (self.num - 1)
 

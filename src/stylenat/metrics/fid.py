@@ -1,6 +1,6 @@
 """FID and KID between a generator (or an image set) and a real image set.
 
-Protocol (SPEC "Evaluation protocol"): FID Inception pool features of uint8 images resized to
+Protocol (the paper's, after pytorch-fid): FID Inception pool features of uint8 images resized to
 299x299 (bilinear, align_corners=False, no antialias) and scaled to [-1, 1]; 50k generated images
 without truncation against the whole dataset; Frechet distance in float64.
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from stylenat.errors import ConfigError
 from stylenat.metrics.distances import frechet_distance, kernel_inception_distance
 from stylenat.metrics.features import FeatureStats, dataset_features, generator_features
 from stylenat.metrics.inception import load_inception
@@ -66,7 +67,7 @@ def evaluate(first: str | os.PathLike | torch.nn.Module, real: str | os.PathLike
         first = load_model(first, which="g_ema", device=device)
     resolution = resolution or (None if first_is_images else first.resolution)
     if resolution is None:
-        raise ValueError("comparing two image sets needs a resolution to read both at (--resolution)")
+        raise ConfigError("comparing two image sets needs a resolution to read both at (--resolution)")
     real_stats = dataset_features(real, extractor, resolution, None, batch, kid, workers=workers, progress=progress)
     if first_is_images:
         fake_stats = dataset_features(first, extractor, resolution, num, batch, kid, workers=workers, progress=progress)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stylenat.errors import MissingFileError
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
 WEIGHTS_SHA256_PREFIX = "6726825d"
@@ -25,7 +27,7 @@ FEATURE_DIM = 2048
 FEATURE_SETTINGS = "fid-inception-v3:pool3-2048:resize-299-bilinear-align_corners0-noantialias:scale-x/255*2-1"
 
 
-class InceptionWeightsError(FileNotFoundError):
+class InceptionWeightsError(MissingFileError):
     """The Inception weights are missing or are not the expected file."""
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stylenat.errors import ConfigError
 from stylenat.metrics.features import Extractor, dataset_features, generator_features
 from stylenat.metrics.fid import compare
 from stylenat.metrics.inception import load_inception
@@ -40,7 +41,7 @@ def calc_metric(name: str, g: torch.nn.Module, real: str | os.PathLike, extracto
         progress: show a tick.
     """
     if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
+        raise ConfigError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
     spec = METRICS[name]
     extractor = extractor or load_inception(device=next(g.parameters()).device)
     real_stats = dataset_features(real, extractor, g.resolution, batch=batch, keep_features=spec.kid,

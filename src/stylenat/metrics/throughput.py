@@ -1,6 +1,6 @@
 """Generator throughput (the paper's protocol), its memory, and an analytic FLOP count.
 
-Protocol (SPEC "Evaluation protocol"): g_ema, batch 1, 10 warm-up passes, 500 timed passes
+Protocol (the paper's throughput measurement): g_ema, batch 1, 10 warm-up passes, 500 timed passes
 timed with CUDA events; a larger batch shows the throughput ceiling. On the CPU the defaults
 shrink to 3 warm-up and 10 timed passes, timed by the wall clock.
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from stylenat._system import peak_rss_bytes
+from stylenat.errors import ConfigError
 from stylenat.models.config import GeneratorConfig, stage_resolutions
 from stylenat.nn.attention import split_heads
 
@@ -144,7 +145,7 @@ def benchmark(g: nn.Module, batches: Sequence[int] | None = None, warmup: int | 
     iters = (500 if cuda else 10) if iters is None else iters
     batches = ((1, 32) if cuda else (1, 8)) if batches is None else batches
     if warmup < 0 or iters < 1 or not batches or min(batches) < 1:
-        raise ValueError("need warmup >= 0, iters >= 1 and batch sizes >= 1")
+        raise ConfigError("need warmup >= 0, iters >= 1 and batch sizes >= 1")
     name = torch.cuda.get_device_name(dev) if cuda else (platform.processor() or platform.machine())
     flops = generator_flops(g.config)
     peak = peak_flops(name, dtype) if cuda else None

@@ -2,14 +2,16 @@
 
 A configuration states every number the architecture needs, per synthesis stage; stage s works at
 resolution 4 * 2**s, from 4 up to ``resolution``. Presets are data: the official FFHQ/Church
-models (SPEC "Generator") and ``tiny``, a model that trains visibly on a laptop CPU.
+models (the paper's FFHQ and LSUN Church configurations) and ``tiny``, a model that trains visibly on a laptop CPU.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+
+from stylenat._config import JsonConfig, param
+from stylenat.errors import ConfigError
 
 __all__ = ["GeneratorConfig", "DiscriminatorConfig", "PRESETS", "get_preset", "stage_resolutions"]
 
@@ -18,37 +20,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def stage_resolutions(resolution: int) -> list[int]:
-    """4, 8, ..., resolution; ValueError unless resolution is a power of two >= 8."""
-    if not isinstance(resolution, int) or resolution < 8 or resolution & (resolution - 1):
-        raise ValueError(f"resolution must be a power of two >= 8, got {resolution!r}")
+    """4, 8, ..., resolution; ConfigError unless resolution is a power of two >= 8."""
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 8 or resolution & (resolution - 1):
+        raise ConfigError(f"resolution must be a power of two >= 8, got {resolution!r}")
     return [2**i for i in range(2, int(math.log2(resolution)) + 1)]
 
 
-def _tuple_of_tuples(value) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(int(k) for k in stage) for stage in value)
-
-
-def _check_len(name: str, value, n: int) -> None:
-    if len(value) != n:
-        raise ValueError(f"{name} needs one entry per stage (resolutions 4..), i.e. {n}, got {len(value)}")
-
-
-class _JsonConfig:
-    """JSON round trip shared by the configs: tuples become lists and back."""
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))  # tuples -> lists: plain JSON types only
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-        return cls(**data)
+def _check_len(cfg, name: str, n: int) -> None:
+    if len(getattr(cfg, name)) != n:
+        raise ConfigError(f"{cfg._where(name)} needs one entry per stage (resolutions 4..{cfg.resolution}), i.e. {n}, "
+                          f"got {len(getattr(cfg, name))}")
 
 
 @dataclass(frozen=True)
-class GeneratorConfig(_JsonConfig):
+class GeneratorConfig(JsonConfig):
     """Everything the generator's architecture needs.
 
     Args:
@@ -67,43 +52,34 @@ class GeneratorConfig(_JsonConfig):
     """
 
     resolution: int
-    channels: tuple[int, ...]
-    heads: tuple[int, ...]
-    kernels: tuple[tuple[int, ...], ...]
-    dilations: tuple[tuple[int, ...], ...]
-    style_dim: int = 512
-    n_mlp: int = 8
-    lr_mlp: float = 0.01
-    mlp_ratio: float = 4.0
+    channels: tuple[int, ...] = param(min=1)
+    heads: tuple[int, ...] = param(min=1)
+    kernels: tuple[tuple[int, ...], ...] = param(min=1)
+    dilations: tuple[tuple[int, ...], ...] = param(min=1)
+    style_dim: int = param(512, min=1)
+    n_mlp: int = param(8, min=1)
+    lr_mlp: float = param(0.01, gt=0)
+    mlp_ratio: float = param(4.0, gt=0)
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
-    image_std: tuple[float, float, float] = IMAGENET_STD
+    image_std: tuple[float, float, float] = param(IMAGENET_STD, gt=0)
 
-    def __post_init__(self):
-        # Normalise JSON lists to tuples so equal configs compare and hash equal.
-        for name in ("channels", "heads", "image_mean", "image_std"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "kernels", _tuple_of_tuples(self.kernels))
-        object.__setattr__(self, "dilations", _tuple_of_tuples(self.dilations))
+    def _check(self):
         res = stage_resolutions(self.resolution)
         for name in ("channels", "heads", "kernels", "dilations"):
-            _check_len(name, getattr(self, name), len(res))
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise ValueError("image_mean and image_std need 3 entries each, std > 0")
-        if self.style_dim < 1 or self.n_mlp < 1 or self.lr_mlp <= 0 or self.mlp_ratio <= 0:
-            raise ValueError("style_dim and n_mlp must be >= 1, lr_mlp and mlp_ratio > 0")
+            _check_len(self, name, len(res))
         for r, c, h, ks, ds in zip(res, self.channels, self.heads, self.kernels, self.dilations):
-            if h < 1 or c % h:
-                raise ValueError(f"stage {r}x{r}: {c} channels do not split into {h} heads")
+            if c % h:
+                raise ConfigError(f"GeneratorConfig stage {r}x{r}: {c} channels do not split into {h} heads")
             if r > 4 and (c < 8 or c % 4):
-                raise ValueError(f"stage {r}x{r}: position codes need channels a multiple of 4 and >= 8, got {c}")
+                raise ConfigError(f"GeneratorConfig stage {r}x{r}: position codes need channels a multiple of 4 and >= 8, got {c}")
             if len(ks) != len(ds) or not ks:
-                raise ValueError(f"stage {r}x{r}: kernels {ks} and dilations {ds} need one entry per head group")
+                raise ConfigError(f"GeneratorConfig stage {r}x{r}: kernels {ks} and dilations {ds} need one entry per head group")
             if len(ks) > h:
-                raise ValueError(f"stage {r}x{r}: {len(ks)} head groups but only {h} heads")
+                raise ConfigError(f"GeneratorConfig stage {r}x{r}: {len(ks)} head groups but only {h} heads")
             for k, d in zip(ks, ds):
-                if k < 1 or d < 1 or k * d > r or (k % 2 == 0 and k * d != r):
-                    raise ValueError(
-                        f"stage {r}x{r}: kernel {k} with dilation {d} does not fit "
+                if k * d > r or (k % 2 == 0 and k * d != r):
+                    raise ConfigError(
+                        f"GeneratorConfig stage {r}x{r}: kernel {k} with dilation {d} does not fit "
                         f"(need odd kernel and kernel * dilation <= {r}, or kernel == {r} for full attention)"
                     )
 
@@ -115,7 +91,7 @@ class GeneratorConfig(_JsonConfig):
 
 
 @dataclass(frozen=True)
-class DiscriminatorConfig(_JsonConfig):
+class DiscriminatorConfig(JsonConfig):
     """Everything StyleSwin's wavelet discriminator needs.
 
     Args:
@@ -126,17 +102,14 @@ class DiscriminatorConfig(_JsonConfig):
     """
 
     resolution: int
-    channels: tuple[int, ...]
-    stddev_group: int = 4
+    channels: tuple[int, ...] = param(min=1)
+    stddev_group: int = param(4, min=1)
 
-    def __post_init__(self):
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        _check_len("channels", self.channels, len(stage_resolutions(self.resolution)))
+    def _check(self):
+        _check_len(self, "channels", len(stage_resolutions(self.resolution)))
         if self.resolution < 16:
             # The wavelet input is already at resolution/2; below 16 no conv block is left before 4x4.
-            raise ValueError(f"discriminator resolution must be at least 16, got {self.resolution}")
-        if min(self.channels) < 1 or self.stddev_group < 1:
-            raise ValueError("discriminator channels and stddev_group must be >= 1")
+            raise ConfigError(f"DiscriminatorConfig.resolution must be at least 16, got {self.resolution}")
 
     def channels_at(self, res: int) -> int:
         return self.channels[int(math.log2(res)) - 2]
@@ -199,5 +172,5 @@ PRESETS = {
 def get_preset(name: str) -> tuple[GeneratorConfig, DiscriminatorConfig]:
     """(GeneratorConfig, DiscriminatorConfig) of a named preset."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()

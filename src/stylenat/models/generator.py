@@ -251,7 +251,7 @@ class Generator(nn.Module):
 
 
 def _init_weights(m: nn.Module) -> None:
-    # SPEC "Init": transformer linears trunc-normal 0.02; ToRGB xavier with a tiny gain so the
+    # The official init: transformer linears trunc-normal 0.02; ToRGB xavier with a tiny gain so the
     # first images are near the mean; equalized layers and the constant keep their N(0, 1).
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)

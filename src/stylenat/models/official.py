@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from stylenat.errors import MissingFileError, ModelFileError
 from stylenat.models.config import DiscriminatorConfig, GeneratorConfig, get_preset, stage_resolutions
 from stylenat.models.discriminator import Discriminator
 from stylenat.models.generator import Generator
@@ -52,12 +53,12 @@ def config_from_official(meta: dict) -> tuple[GeneratorConfig, DiscriminatorConf
     else:
         heads = tuple(max(c // 32, int(meta.get("min_heads", 4))) for c in channels)
     if len(meta["kernels"]) < len(res) or len(meta["dilations"]) < len(res):
-        raise ValueError(f"official meta needs kernels and dilations for all {len(res)} stages")
+        raise ModelFileError(f"official meta needs kernels and dilations for all {len(res)} stages")
     kernels, dilations = [(4,)], [(1,)]
     for s in range(1, len(res)):
         ks, ds = _official_groups(list(meta["kernels"][s]), list(meta["dilations"][s]), bool(meta.get("legacy", False)))
         if meta.get("legacy") and heads[s] % 2:
-            raise ValueError(f"legacy two-group attention needs an even head count, stage {res[s]} has {heads[s]}")
+            raise ModelFileError(f"legacy two-group attention needs an even head count, stage {res[s]} has {heads[s]}")
         kernels.append(tuple(ks))
         dilations.append(tuple(ds))
     g = GeneratorConfig(
@@ -84,7 +85,7 @@ def _official_groups(ks: list, ds: list, legacy: bool) -> tuple[list, list]:
     if len(ds) == 1:
         ds = ds * len(ks)
     if len(ks) != len(ds):
-        raise ValueError(f"official kernels {ks} and dilations {ds} differ in length")
+        raise ModelFileError(f"official kernels {ks} and dilations {ds} differ in length")
     return ks, ds
 
 
@@ -122,7 +123,7 @@ def _hydra_groups_from_state(meta: dict, state: dict[str, Tensor]) -> dict:
         if not tables or len(tables) == len(ks):
             continue
         if len(set(zip(ks, ds))) != 1:
-            raise ValueError(f"the checkpoint has {len(tables)} head groups at stage {s} where the preset has "
+            raise ModelFileError(f"the checkpoint has {len(tables)} head groups at stage {s} where the preset has "
                              f"{len(ks)} different ones; pass the configuration with --meta")
         meta["kernels"][s] = [(tables[i][-1] + 1) // 2 for i in sorted(tables)]
         meta["dilations"][s] = [ds[0]] * len(tables)
@@ -179,7 +180,7 @@ def map_official_state(module: nn.Module, official: dict[str, Tensor]) -> dict[s
         name = _rename(key, rules)
         if name in ours:
             if tuple(ours[name].shape) != tuple(value.shape):
-                raise ValueError(
+                raise ModelFileError(
                     f"official key {key!r} has shape {list(value.shape)} but {name!r} expects {list(ours[name].shape)}; "
                     "the configuration (meta/preset) does not match this checkpoint"
                 )
@@ -190,7 +191,7 @@ def map_official_state(module: nn.Module, official: dict[str, Tensor]) -> dict[s
             unexpected.append(key)
     missing = [k for k in ours if k not in mapped and not k.endswith("w_avg")]
     if missing or unexpected:
-        raise ValueError(
+        raise ModelFileError(
             f"official checkpoint does not match the configuration: missing {missing[:10]}"
             f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
         )
@@ -203,7 +204,7 @@ def _check_fixed(key: str, value: Tensor, want: Tensor) -> None:
     else:
         ok = value.shape == want.shape and torch.allclose(value.to(want), want, atol=1e-6)
     if not ok:
-        raise ValueError(f"official fixed buffer {key!r} differs from this implementation's")
+        raise ModelFileError(f"official fixed buffer {key!r} differs from this implementation's")
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -219,16 +220,16 @@ def load_official_checkpoint(path, meta: str | dict) -> dict[str, nn.Module]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no official checkpoint at {path}")
+        raise MissingFileError(f"no official checkpoint at {path}")
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"cannot read {path} as an official StyleNAT checkpoint: {exc}") from None
+            raise ModelFileError(f"cannot read {path} as an official StyleNAT checkpoint: {exc}") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dicts"), dict):  # the official trainer's newer layout
         ckpt = ckpt["state_dicts"]
     if not isinstance(ckpt, dict) or "g_ema" not in ckpt:
-        raise ValueError(f"{path} is not in the official layout {{'g', 'd', 'g_ema', 'args'}}")
+        raise ModelFileError(f"{path} is not in the official layout {{'g', 'd', 'g_ema', 'args'}}")
     if isinstance(meta, str):
         legacy = any(re.search(r"\.attn\.rpb\d+$", k) for k in ckpt["g_ema"])
         meta = official_meta(meta, legacy)

@@ -1,6 +1,6 @@
 """Exact 2-D neighborhood attention (NA) and the Hydra-NA module of StyleNAT.
 
-Semantics (SPEC, "Neighborhood attention, exactly"), per axis of length L with kernel k and
+Semantics (natten 0.17's, which StyleNAT was trained with), per axis of length L with kernel k and
 dilation d, for pixel i:
 
 * dilation group g = i mod d, sub-position j = i div d, group length Lg = ceil((L - g) / d);
@@ -353,11 +353,14 @@ def choose_backend(q: Tensor) -> str:
 
     flex_attention on CUDA for float16/bfloat16/float32 maps of at least 16x16 tokens with
     head_dim >= 16 (its compiled kernels cover those; smaller maps gain nothing from a block mask),
-    the tiled path everywhere else (CPU, float64, small maps or heads).
+    the tiled path everywhere else (CPU, float64, small maps or heads). Under
+    ``torch.use_deterministic_algorithms(True)`` it is always the tiled path: flex accumulates the
+    bias gradient with atomic adds, whose order varies from run to run.
     """
     _, _, h, w, d = q.shape
     if (
         q.device.type == "cuda"
+        and not torch.are_deterministic_algorithms_enabled()
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and h * w >= 256
         and d >= 16

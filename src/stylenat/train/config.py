@@ -1,20 +1,21 @@
 """The training recipe as one frozen dataclass, with a preset per model preset.
 
-The ffhq256 preset is the published FFHQ-256 recipe (SPEC, "Training recipe"); the other
-official presets reuse it. ``tiny`` is tuned so the demo learns recognizable faces in minutes on a
+The ffhq256 preset is the published FFHQ-256 recipe (the paper's section 4 and the official
+code's defaults, README "Training"); the other official presets reuse it. ``tiny`` is tuned so the demo learns recognizable faces in minutes on a
 laptop CPU.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal
+
+from stylenat._config import JsonConfig, param
+from stylenat.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Every knob of a training run. Steps count optimizer steps of G (one D step each)."""
 
     preset: str = "ffhq256"
@@ -27,103 +28,78 @@ class TrainConfig:
     """Dataset path (folder or zip) or ``demo`` for the built-in offline demo set."""
     run_dir: str = "runs/run"
     """Directory the run writes its config, logs, image grids and checkpoints to."""
-    seed: int = 0
+    seed: int = param(0, min=0)
     """Seed of parameter initialization, data order, latents, augmentation and flips."""
-    steps: int = 1_000_000
+    steps: int = param(1_000_000, min=1)
     """Train until this many steps are done; also where the lr decay reaches zero."""
-    batch: int = 8
+    batch: int = param(8, min=1)
     """Images per device per micro-batch."""
-    accum: int = 1
+    accum: int = param(1, min=1)
     """Micro-batches accumulated per optimizer step (images per step = batch * accum * world size)."""
-    d_lr: float = 2e-4
+    d_lr: float = param(2e-4, min=0)
     """Discriminator Adam learning rate, before the lazy-regularization adjustment."""
-    g_lr: float = 5e-5
+    g_lr: float = param(5e-5, min=0)
     """Generator Adam learning rate (TTUR: D lr / 4)."""
-    betas: tuple[float, float] = (0.0, 0.99)
+    betas: tuple[float, float] = param((0.0, 0.99), min=0, max=1)
     """Adam betas of both networks (D's are raised to the power c = r1_interval / (r1_interval + 1))."""
-    lr_decay_start: int | None = 775_000
+    lr_decay_start: int | None = param(775_000, min=0)
     """Step from which both learning rates decay linearly to 0 at ``steps``; None: constant."""
-    r1_gamma: float = 10.0
+    r1_gamma: float = param(10.0, min=0)
     """Weight of the R1 penalty on real images: the loss is gamma / 2 * ||grad_x D(x)||^2."""
-    r1_interval: int = 16
+    r1_interval: int = param(16, min=1)
     """Lazy R1: applied every this many D steps as its own optimizer step, scaled by the interval."""
-    bcr_real: float = 10.0
+    bcr_real: float = param(10.0, min=0)
     """Balanced consistency regularization weight on reals: lambda * MSE(D(aug x), D(x)); 0 disables."""
-    bcr_fake: float = 10.0
+    bcr_fake: float = param(10.0, min=0)
     """Balanced consistency regularization weight on fakes."""
-    bcr_translation: float = 0.125
+    bcr_translation: float = param(0.125, min=0, max=1)
     """bCR augmentation: largest shift, as a fraction of the image size."""
-    bcr_cutout: float = 0.5
+    bcr_cutout: float = param(0.5, min=0, max=1)
     """bCR augmentation: edge of the zeroed square, as a fraction of the image size."""
-    d_clip: float | None = 5.0
+    d_clip: float | None = param(5.0, gt=0)
     """Clip D's gradient to this global L2 norm; None: no clipping."""
-    ema_half_life: float = 10_000 / 32
+    ema_half_life: float = param(10_000 / 32, gt=0)
     """Half-life of G_ema in steps: decay per step = 0.5 ** (1 / ema_half_life) (0.5 ** (32/10000) by default)."""
     xflip: bool = True
     """Flip each real image horizontally with probability 1/2."""
-    amp: str | None = None
+    amp: Literal["bf16"] | None = None
     """Autocast dtype for forward passes: None (fp32) or ``bf16``. R1 always runs in fp32."""
     tf32: bool = True
     """Allow TF32 matrix products and convolutions on CUDA."""
     device: str = "auto"
     """``auto`` (CUDA when available, one device per rank), ``cpu``, ``cuda`` or ``cuda:N``."""
-    workers: int = 0
+    workers: int = param(0, min=0)
     """DataLoader worker processes per rank (0: load in the training process)."""
-    checkpoint_every: int = 5_000
+    checkpoint_every: int = param(5_000, min=1)
     """Write a checkpoint every this many steps (and at the end)."""
-    keep: int = 3
+    keep: int = param(3, min=1)
     """Checkpoints kept; older ones are deleted after a newer one is safely written."""
-    sample_every: int = 5_000
+    sample_every: int = param(5_000, min=1)
     """Write ``fakes_<step>.png`` from g_ema every this many steps (and at the start and end)."""
-    grid: tuple[int, int] = (8, 4)
+    grid: tuple[int, int] = param((8, 4), min=1)
     """Rows and columns of the image grids."""
-    tick_every: int = 100
+    tick_every: int = param(100, min=1)
     """Print and log one line of statistics every this many steps."""
     metrics: tuple[str, ...] = ()
     """Metrics of ``stylenat.metrics.registry.METRICS`` (e.g. ``fid50k``) computed on g_ema against
     ``data`` every ``metrics_every`` steps and at the end; written to stats.jsonl and the log."""
-    metrics_every: int = 50_000
+    metrics_every: int = param(50_000, min=1)
     """Steps between metric evaluations."""
     inception: str | None = None
     """pt_inception-2015-12-05-6726825d.pth for the metrics (default: $STYLENAT_INCEPTION, then the cache dir)."""
-    on_nonfinite: str = "stop"
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     """When a loss or D's gradient norm is not finite: ``stop`` (exit, last checkpoint intact) or ``skip`` the step."""
 
-    def __post_init__(self):
-        if self.amp not in (None, "bf16"):
-            raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        if self.metrics:
-            from stylenat.metrics.registry import METRICS
+    checkpoint_minutes: float | None = param(None, gt=0)
+    """Also write a checkpoint when this many minutes have passed since the last one; None: by steps only."""
+    deterministic: bool = False
+    """Deterministic kernels (``torch.use_deterministic_algorithms``; on CUDA also cuDNN and cuBLAS
+    settings and the tiled attention backend instead of flex). CPU runs are bitwise reproducible
+    without it; see docs/robustness.md, "Determinism"."""
 
-            unknown = [m for m in self.metrics if m not in METRICS]
-            if unknown:
-                raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
-        for name in ("steps", "batch", "accum", "r1_interval", "checkpoint_every", "keep", "sample_every", "tick_every",
-                     "metrics_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
-        # JSON turns tuples into lists; restore them so a round trip compares equal.
-        fixed = {k: tuple(v) if isinstance(v, list) and isinstance(known[k].default, tuple) else v for k, v in values.items()}
-        return cls(**fixed)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    def _check(self):
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ConfigError(f"TrainConfig.metrics lists a metric twice: {list(self.metrics)}")
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
@@ -158,5 +134,5 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
 def get_train_preset(name: str) -> TrainConfig:
     """The TrainConfig preset of a model preset name."""
     if name not in TRAIN_PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(TRAIN_PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(TRAIN_PRESETS)}")
     return TRAIN_PRESETS[name]

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from stylenat.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -36,7 +38,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -103,11 +105,16 @@ def average_buffers(module: nn.Module) -> None:
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:
     """True only if ``flag`` holds on every rank (so all ranks take the same branch)."""
+    return any_rank([flag], device, reduce="all")[0]
+
+
+def any_rank(flags: list[bool], device: torch.device, reduce: str = "any") -> list[bool]:
+    """Each flag OR-ed (``reduce="any"``) or AND-ed (``"all"``) over ranks, in one all-reduce."""
     if not _active():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if reduce == "any" else dist.ReduceOp.MIN)
+    return [bool(v) for v in t.tolist()]
 
 
 def gather_objects(obj) -> list:

@@ -1,18 +1,22 @@
 """The training loop: one D step (plus lazy R1), one G step and an EMA update per step.
 
-``train(config)`` starts a run directory, ``resume(run_dir)`` continues the latest checkpoint of
-one. Every random draw (latents, bCR augmentation) comes from one CPU generator per rank and the
-data order from a seeded stream (``ShardedStream``); both states are in the checkpoints, so a
-resumed run produces bitwise the same weights as an uninterrupted one.
+``train(config)`` starts a run directory, ``resume(run_dir)`` continues its newest checkpoint.
+Every random draw (latents, augmentation) comes from one CPU generator per rank and the data
+order from a seeded stream (``ShardedStream``); both states are in the checkpoints, so a resumed
+run produces bitwise the same weights as an uninterrupted one (same device type, process count
+and torch build; see docs/robustness.md).
+
+Interruptions: SIGTERM, SIGINT or SIGUSR1 stop the run after the current step with a checkpoint
+(:class:`TrainingStopped`; ``stylenat train`` exits with status 75); a kill at any other moment
+loses only the steps since the last checkpoint (``checkpoint_every`` steps, or
+``checkpoint_minutes``), and ``resume`` repairs the logs.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import dataclasses
-import json
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -20,20 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stylenat.models.io import read_model_file, save_model
+from stylenat.errors import ConfigError, MissingFileError, UserError
 from stylenat.train import dist
 from stylenat.train.augment import bcr_augment
 from stylenat.train.checkpoint import (
-    MODEL_FILE,
+    TrainingState,
     capture_rng,
     latest_checkpoint,
-    optimizer_from_flat,
-    optimizer_to_flat,
-    restore_rng,
-    save_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    weights_digest,
 )
 from stylenat.train.config import TrainConfig
 from stylenat.train.ema import ema_beta, update_ema
@@ -41,13 +43,22 @@ from stylenat.train.losses import consistency_loss, d_logistic_loss, g_nonsatura
 from stylenat.train.optim import lr_factor, make_adam, requires_grad, set_lr_factor
 from stylenat.train.runlog import RunLog, format_duration, peak_memory_gib
 from stylenat.train.sampler import ShardedStream
-
-STATE_FILE = "train_state.safetensors"
-STATE_JSON = "train_state.json"
+from stylenat.train.signals import GracefulStop, ignore_stop_signals
 
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient norm became NaN/inf; the run stopped without writing a checkpoint."""
+
+
+class TrainingStopped(Exception):
+    """The run stopped early on a signal after writing a checkpoint; ``resume`` continues it.
+
+    signal: the signal's name (e.g. "SIGTERM"). step: the step reached. checkpoint: its directory.
+    """
+
+    def __init__(self, signal: str, step: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal} at step {step}; checkpoint {checkpoint}")
+        self.signal, self.step, self.checkpoint = signal, step, checkpoint
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -58,26 +69,47 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     g_cfg = GeneratorConfig.from_dict({**g_cfg.to_dict(), **config.generator})
     d_cfg = DiscriminatorConfig.from_dict({**d_cfg.to_dict(), **config.discriminator})
     if g_cfg.resolution != d_cfg.resolution:
-        raise ValueError(f"generator resolution {g_cfg.resolution} differs from discriminator resolution {d_cfg.resolution}")
-    return dataclasses.replace(config, generator=g_cfg.to_dict(), discriminator=d_cfg.to_dict())
+        raise ConfigError(f"generator resolution {g_cfg.resolution} differs from discriminator resolution {d_cfg.resolution}")
+    group = min(config.batch, d_cfg.stddev_group)
+    if config.batch % group:
+        raise ConfigError(f"batch {config.batch} must be a multiple of the discriminator's minibatch-stddev group "
+                          f"{group}; pick another --batch or --discriminator stddev_group=N")
+    return config.replace(generator=g_cfg.to_dict(), discriminator=d_cfg.to_dict())
+
+
+def _check_metrics(config: TrainConfig) -> None:
+    from stylenat.metrics.registry import METRICS
+
+    unknown = [m for m in config.metrics if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
 
 
 def train(config: TrainConfig) -> Path:
-    """Train from scratch into ``config.run_dir`` (which must hold no checkpoint yet)."""
+    """Train from scratch into ``config.run_dir`` (which must hold no checkpoint yet).
+
+    Raises TrainingStopped when a signal stopped the run early (with a checkpoint written).
+    """
     run_dir = Path(config.run_dir)
     if latest_checkpoint(run_dir / "checkpoints") is not None:
-        raise ValueError(f"{run_dir} already holds checkpoints; continue it with `stylenat train --resume {run_dir}` or pick a new --run-dir")
+        raise UserError(f"{run_dir} already holds checkpoints; continue it with `stylenat train --resume {run_dir}` or pick a new --run-dir")
+    _check_metrics(config)
     return _Trainer(resolve_config(config), resume=False).run()
 
 
 def resume(run_dir: str | Path, steps: int | None = None) -> Path:
-    """Continue the run in ``run_dir`` from its latest checkpoint, optionally to a new step count."""
+    """Continue the run in ``run_dir`` from its newest checkpoint, optionally to a new step count.
+
+    A run stopped before its first checkpoint starts again from step 0 with its config.json.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir / 'config.json'} not found; is {run_dir} a run directory?")
+        raise MissingFileError(f"{run_dir / 'config.json'} not found; {run_dir} is not a run directory, or its run "
+                               "was stopped before it started: start it again with the same command")
     config = TrainConfig.load(run_dir / "config.json")
-    config = dataclasses.replace(config, run_dir=str(run_dir), steps=steps or config.steps)
-    return _Trainer(config, resume=True).run()
+    config = config.replace(run_dir=str(run_dir), steps=steps or config.steps)
+    _check_metrics(config)
+    return _Trainer(resolve_config(config), resume=latest_checkpoint(run_dir / "checkpoints") is not None).run()
 
 
 class _Trainer:
@@ -93,6 +125,9 @@ class _Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
+        self._deterministic_before = torch.are_deterministic_algorithms_enabled()
+        if cfg.deterministic:
+            _use_deterministic_kernels(self.device)
         self.g_cfg = GeneratorConfig.from_dict(cfg.generator)
         self.d_cfg = DiscriminatorConfig.from_dict(cfg.discriminator)
         self.dataset = open_dataset(cfg.data, self.g_cfg.resolution, xflip=cfg.xflip)  # a bad path fails before any file is written
@@ -113,7 +148,7 @@ class _Trainer:
         # Latents and augmentations differ per rank (each rank is its own slice of the batch).
         rank_seed = cfg.seed * 1_000_003 + self.info.rank
         self.gen = torch.Generator().manual_seed(rank_seed)
-        self.step, self.images, self.consumed = 0, 0, 0
+        self.state = TrainingState(world=self.info.world)
 
         self.log = RunLog(self.run_dir, self.info.is_main)
         # Loaded up front so that missing Inception weights stop the run before any training.
@@ -122,17 +157,24 @@ class _Trainer:
             from stylenat.metrics.inception import load_inception
 
             self.inception = load_inception(cfg.inception, device=self.device)
-        if resume:
-            self._load(latest_checkpoint(self.ckpt_root))
-        elif self.info.is_main:
+        if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            path = latest_checkpoint(self.ckpt_root)
+            self.state = load_training_checkpoint(path, self._modules(), self._optimizers(), self.info.rank,
+                                                  self.info.world, self.gen, self.device)
+        self.log.repair(self.state.step)  # torn lines, and records newer than the checkpoint: before any new line
+        if resume:
+            self.log.line(f"loaded {path}")
+        self.log.open_tensorboard(purge_step=self.state.step if resume else None)
         if self.info.is_main:
             cfg.save(self.run_dir / "config.json")
 
-        self.stream = ShardedStream(len(self.dataset), cfg.seed, self.info.rank, self.info.world, self.consumed)
+        self.stream = ShardedStream(len(self.dataset), cfg.seed, self.info.rank, self.info.world, self.state.consumed_per_rank)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.batch, sampler=self.stream, num_workers=cfg.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=cfg.workers > 0,
+            worker_init_fn=ignore_stop_signals if cfg.workers > 0 else None,
             # Its own generator for worker seeds, so the global torch RNG (saved in checkpoints) is left alone.
             generator=torch.Generator().manual_seed(rank_seed),
         )
@@ -141,12 +183,18 @@ class _Trainer:
             torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
         )
 
+    def _modules(self) -> dict[str, nn.Module]:
+        return {"g": self.G, "g_ema": self.G_ema, "d": self.D}
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"g_opt": self.g_opt, "d_opt": self.d_opt}
+
     # ---- one step ------------------------------------------------------------------------------
 
     def _reals(self) -> torch.Tensor:
         from stylenat.models import uint8_to_model
 
-        self.consumed += self.cfg.batch
+        self.state.consumed_per_rank += self.cfg.batch
         return uint8_to_model(next(self.batches).to(self.device, non_blocking=True), self.g_cfg)
 
     def _latents(self) -> torch.Tensor:
@@ -159,7 +207,7 @@ class _Trainer:
         if dist.all_ranks_true(bool(torch.isfinite(loss) & torch.isfinite(norm)), self.device):
             opt.step()
             return norm
-        message = f"step {self.step}: non-finite {what} (loss {loss.item():.4g}, grad norm {norm.item():.4g})"
+        message = f"step {self.state.step}: non-finite {what} (loss {loss.item():.4g}, grad norm {norm.item():.4g})"
         if self.cfg.on_nonfinite == "stop":
             raise NonFiniteError(message)
         self.log.line(message + "; step skipped")
@@ -222,53 +270,68 @@ class _Trainer:
 
     def run(self) -> Path:
         try:
-            self._loop()
+            with GracefulStop() as stop:
+                self._loop(stop)
         except NonFiniteError as exc:
-            self.log.line(f"stopped: {exc}; no checkpoint written since step {self.step - self.step % self.cfg.checkpoint_every}")
+            last = latest_checkpoint(self.ckpt_root)
+            self.log.line(f"stopped: {exc}; the newest checkpoint is {last.name if last else 'none'}")
             raise
         finally:
             self.log.close()
             dist.shutdown()
+            torch.use_deterministic_algorithms(self._deterministic_before)
         return self.run_dir
 
-    def _loop(self) -> None:
-        cfg = self.cfg
+    def _loop(self, stop: GracefulStop) -> None:
+        cfg, state = self.cfg, self.state
         beta = ema_beta(cfg.ema_half_life)
         self.skipped = 0
-        if self.info.is_main:
-            self.log.line(f"{'resuming at' if self.step else 'starting'} step {self.step} of {cfg.steps}: preset {cfg.preset}, "
-                          f"{len(self.dataset)} images ({cfg.data}), batch {cfg.batch} x accum {cfg.accum} x {self.info.world} "
-                          f"rank(s) on {self.device}, G {_count(self.G):,} / D {_count(self.D):,} params")
-            if self.step == 0:
-                self._write_reals()
-                self._write_fakes()
-        window, t_tick, step_at_tick = [], time.perf_counter(), self.step
-        while self.step < cfg.steps:
-            factor = lr_factor(self.step, cfg.lr_decay_start, cfg.steps)
+        self.log.line(f"{'resuming at' if state.step else 'starting'} step {state.step} of {cfg.steps}: preset {cfg.preset}, "
+                      f"{len(self.dataset)} images ({cfg.data}), batch {cfg.batch} x accum {cfg.accum} x {self.info.world} "
+                      f"rank(s) on {self.device}, G {_count(self.G):,} / D {_count(self.D):,} params")
+        if state.step == 0:
+            self._write_reals()
+            self._write_fakes()
+        elif self._metrics_due() and not self._metrics_logged():
+            self._metrics()  # the run was stopped between this checkpoint and its metrics
+        window, t_tick, step_at_tick = [], time.perf_counter(), state.step
+        self.last_save = time.monotonic()
+        while state.step < cfg.steps:
+            factor = lr_factor(state.step, cfg.lr_decay_start, cfg.steps)
             set_lr_factor(self.d_opt, factor)
             set_lr_factor(self.g_opt, factor)
             reals, stats = self._d_step()
-            if self.step % cfg.r1_interval == 0 and cfg.r1_gamma > 0:
+            if state.step % cfg.r1_interval == 0 and cfg.r1_gamma > 0:
                 stats["r1"] = self._r1_step(reals)
             stats["g_loss"] = self._g_step()
             dist.average_buffers(self.G)
             dist.average_buffers(self.D)
             update_ema(self.G_ema, self.G, beta)
-            self.step += 1
-            self.images += cfg.batch * cfg.accum * self.info.world
+            state.step += 1
+            state.images += cfg.batch * cfg.accum * self.info.world
             window.append(stats)
 
-            if self.step % cfg.tick_every == 0 or self.step == cfg.steps:
+            if state.step % cfg.tick_every == 0 or state.step == cfg.steps:
                 elapsed = time.perf_counter() - t_tick
-                self._tick(window, elapsed / (self.step - step_at_tick), factor)
-                window, t_tick, step_at_tick = [], time.perf_counter(), self.step
-            if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
+                self._tick(window, elapsed / (state.step - step_at_tick), factor)
+                window, t_tick, step_at_tick = [], time.perf_counter(), state.step
+            if state.step % cfg.sample_every == 0 or state.step == cfg.steps:
                 self._write_fakes()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self._save()
-            if cfg.metrics and (self.step % cfg.metrics_every == 0 or self.step == cfg.steps):
+            # One collective per step: every rank learns whether any rank got a stop signal and
+            # whether rank 0's clock calls for a checkpoint, so all ranks act on the same step.
+            time_due = cfg.checkpoint_minutes is not None and time.monotonic() - self.last_save >= 60 * cfg.checkpoint_minutes
+            stopping, time_due = dist.any_rank([stop.requested, time_due and self.info.is_main], self.device)
+            saved = None
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or time_due or stopping:
+                saved = self._save()
+            if stopping:
+                signame = next((n for n in dist.gather_objects(stop.name) if n), "a signal")
+                self.log.line(f"stopped by {signame} at step {state.step}; resume with `stylenat train --resume {self.run_dir}`")
+                dist.barrier()
+                raise TrainingStopped(signame, state.step, saved)
+            if self._metrics_due():
                 self._metrics()
-        self.log.line(f"done: {self.step} steps, {self.images:,} images" + (f", {self.skipped} skipped" if self.skipped else ""))
+        self.log.line(f"done: {state.step} steps, {state.images:,} images" + (f", {self.skipped} skipped" if self.skipped else ""))
         # Ranks leave together: tearing the process group down while rank 0 still writes the last
         # checkpoint can abort the other ranks inside gloo.
         dist.barrier()
@@ -276,22 +339,25 @@ class _Trainer:
     def _tick(self, window: list[dict], sec_per_step: float, factor: float) -> None:
         if not self.info.is_main:
             return
+        step, images = self.state.step, self.state.images
         keys = sorted({k for s in window for k in s})
         means = {k: float(torch.stack([torch.as_tensor(s[k]).float().cpu() for s in window if k in s]).mean()) for k in keys}
         img_s = self.cfg.batch * self.cfg.accum * self.info.world / sec_per_step
-        record = {"step": self.step, "kimg": self.images / 1000, **means,
+        record = {"step": step, "kimg": images / 1000, **means,
                   "lr_d": self.d_opt.param_groups[0]["lr"], "lr_g": self.g_opt.param_groups[0]["lr"], "lr_factor": factor,
                   "img_per_s": img_s, "sec_per_step": sec_per_step, "peak_mem_gib": peak_memory_gib(self.device)}
         self.log.stats(record)
-        eta = format_duration((self.cfg.steps - self.step) * sec_per_step)
+        eta = format_duration((self.cfg.steps - step) * sec_per_step)
         r1 = f" r1 {means['r1']:.4f}" if "r1" in means else ""
-        self.log.line(f"step {self.step}/{self.cfg.steps} kimg {self.images / 1000:.1f} d {means['d_loss']:.3f} "
+        self.log.line(f"step {step}/{self.cfg.steps} kimg {images / 1000:.1f} d {means['d_loss']:.3f} "
                       f"g {means['g_loss']:.3f} bcr {means['bcr']:.3f}{r1} | {img_s:.1f} img/s "
                       f"{record['peak_mem_gib']:.2f} GiB | eta {eta}")
 
     # ---- files ---------------------------------------------------------------------------------
 
     def _write_reals(self) -> None:
+        if not self.info.is_main:
+            return
         from stylenat.data import save_image_grid
 
         n = min(self.cfg.grid[0] * self.cfg.grid[1], len(self.dataset))
@@ -299,16 +365,25 @@ class _Trainer:
 
     @torch.no_grad()
     def _write_fakes(self) -> None:
-        """g_ema on fixed latents: image i of the grid uses torch.Generator seeded with i."""
+        """g_ema on fixed latents: image i of the grid uses seed i (``stylenat.models.seeds_to_z``)."""
         if not self.info.is_main:
             return
         from stylenat.data import save_image_grid
-        from stylenat.models import model_to_uint8
+        from stylenat.models import model_to_uint8, seeds_to_z
 
-        n = self.cfg.grid[0] * self.cfg.grid[1]
-        z = torch.cat([torch.randn(1, self.g_cfg.style_dim, generator=torch.Generator().manual_seed(i)) for i in range(n)])
+        z = seeds_to_z(range(self.cfg.grid[0] * self.cfg.grid[1]), self.g_cfg.style_dim)
         images = [model_to_uint8(self.G_ema(chunk.to(self.device)), self.g_cfg).cpu() for chunk in z.split(self.cfg.batch)]
-        save_image_grid(torch.cat(images), self.run_dir / f"fakes_{self.step:09d}.png", self.cfg.grid)
+        save_image_grid(torch.cat(images), self.run_dir / f"fakes_{self.state.step:09d}.png", self.cfg.grid)
+
+    def _metrics_due(self) -> bool:
+        step = self.state.step
+        return bool(self.cfg.metrics) and step > 0 and (step % self.cfg.metrics_every == 0 or step == self.cfg.steps)
+
+    def _metrics_logged(self) -> bool:
+        records = self.log.records() if self.info.is_main else []
+        done = any(r.get("step") == self.state.step and all(any(k.startswith(m) for k in r) for m in self.cfg.metrics)
+                   for r in records)
+        return dist.any_rank([done], self.device)[0]
 
     def _metrics(self) -> None:
         """Metrics of g_ema on rank 0; they draw from their own seeded generators, not the run's."""
@@ -318,64 +393,48 @@ class _Trainer:
             results = {}
             for name in self.cfg.metrics:
                 results.update(calc_metric(name, self.G_ema, self.cfg.data, extractor=self.inception, batch=self.cfg.batch))
-            self.log.stats({"step": self.step, "kimg": self.images / 1000, **results})
-            self.log.line(f"step {self.step} metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+            self.log.stats({"step": self.state.step, "kimg": self.state.images / 1000, **results})
+            self.log.line(f"step {self.state.step} metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         dist.barrier()
 
-    def _save(self) -> None:
-        modules = {"g": self.G, "g_ema": self.G_ema, "d": self.D}
+    def _save(self) -> Path | None:
+        """Write a checkpoint of this step (collective: every rank's random state and weight digest)."""
+        modules = self._modules()
         gathered = dist.gather_objects((capture_rng(self.gen, self.device), weights_digest(modules)))
-        if not self.info.is_main:
-            return
-        rng, digests = [r for r, _ in gathered], [d for _, d in gathered]
-        if len(set(digests)) > 1:  # cannot happen unless a collective misbehaves; say so loudly
-            self.log.line(f"warning: ranks hold different weights at step {self.step}: {digests}")
-        g_flat, g_meta = optimizer_to_flat(self.g_opt, "g_opt")
-        d_flat, d_meta = optimizer_to_flat(self.d_opt, "d_opt")
-        state = {**g_flat, **d_flat}
-        for rank, (tensors, _) in enumerate(rng):
-            state.update({f"rng.{rank}.{k}": v for k, v in tensors.items()})
-        meta = {"step": self.step, "images": self.images, "consumed_per_rank": self.consumed, "world": self.info.world, "rank_digests": digests,
-                "optimizers": {"g_opt": g_meta, "d_opt": d_meta}, "rng": [m for _, m in rng], "config": self.cfg.to_dict()}
-
-        def write(directory: Path) -> None:
-            save_model(directory / MODEL_FILE, modules, self.g_cfg, self.d_cfg,
-                       extra={"step": self.step, "images": self.images})
-            save_file(state, str(directory / STATE_FILE))
-            (directory / STATE_JSON).write_text(json.dumps(meta))
-
-        path = save_checkpoint(self.ckpt_root, self.step, write, self.cfg.keep)
-        self.log.line(f"checkpoint {path}")
-
-    def _load(self, path: Path | None) -> None:
-        if path is None:
-            raise FileNotFoundError(f"no checkpoint in {self.ckpt_root}; start the run again without --resume")
-        meta = json.loads((path / STATE_JSON).read_text())
-        if meta["world"] != self.info.world:
-            raise ValueError(f"{path} was written by {meta['world']} process(es); resume it with the same number "
-                             f"(now {self.info.world}) so data order and random streams continue exactly")
-        _, weights = read_model_file(path / MODEL_FILE)
-        for name, module in (("g", self.G), ("g_ema", self.G_ema), ("d", self.D)):
-            module.load_state_dict(weights[name])
-        state = load_file(str(path / STATE_FILE))
-        optimizer_from_flat(self.g_opt, state, meta["optimizers"]["g_opt"], "g_opt")
-        optimizer_from_flat(self.d_opt, state, meta["optimizers"]["d_opt"], "d_opt")
-        prefix = f"rng.{self.info.rank}."
-        restore_rng(self.gen, self.device, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                    meta["rng"][self.info.rank])
-        self.step, self.images, self.consumed = meta["step"], meta["images"], meta["consumed_per_rank"]
-        self.log.truncate_after(self.step)
-        self.log.line(f"loaded {path}")
+        path, error = None, None
+        if self.info.is_main:
+            rng, digests = [r for r, _ in gathered], [d for _, d in gathered]
+            if len(set(digests)) > 1:  # cannot happen unless a collective misbehaves; say so loudly
+                self.log.line(f"warning: ranks hold different weights at step {self.state.step}: {digests}")
+            existing = latest_checkpoint(self.ckpt_root)
+            if existing is not None and existing.name.endswith(f"{self.state.step:09d}"):
+                path = existing  # e.g. a stop right after a scheduled checkpoint of the same step
+            else:
+                try:
+                    path = save_training_checkpoint(self.ckpt_root, self.state, modules, self._optimizers(), rng, digests,
+                                                    self.cfg.to_dict(), self.cfg.keep)
+                except UserError as exc:
+                    error = exc
+                else:
+                    self.log.line(f"checkpoint {path}")
+        # Every rank stops if rank 0 could not write, instead of waiting for it at the next collective.
+        if not dist.any_rank([error is None], self.device, reduce="all")[0]:
+            if error is not None:
+                self.log.line(f"stopped: {error}")
+                raise error
+            raise UserError("rank 0 could not write a checkpoint; see its log")
+        self.last_save = time.monotonic()
+        return path
 
 
-def weights_digest(modules: dict[str, nn.Module]) -> str:
-    """SHA-256 of every parameter and buffer, in state-dict order (equal digests: bitwise-equal weights)."""
-    h = hashlib.sha256()
-    for name, module in modules.items():
-        for key, value in module.state_dict().items():
-            h.update(f"{name}.{key}".encode())
-            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def _use_deterministic_kernels(device: torch.device) -> None:
+    """Ask torch for deterministic kernels (an op without one then raises instead of varying)."""
+    if device.type == "cuda":
+        # cuBLAS reads this when its handle is created, i.e. before the first matrix product.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def _count(module: nn.Module) -> int:

@@ -12,13 +12,15 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from stylenat.errors import DataError
+
 
 class ShardedStream(Sampler[int]):
     """Infinite index stream for one rank, starting after ``consumed`` indices."""
 
     def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, consumed: int = 0):
         if size < world:
-            raise ValueError(f"the dataset has {size} images, fewer than the {world} ranks training on it")
+            raise DataError(f"the dataset has {size} images, fewer than the {world} ranks training on it")
         self.size, self.seed, self.rank, self.world, self.consumed = size, seed, rank, world, consumed
         self.per_rank = size // world  # the remainder of each epoch is dropped so ranks stay in step
 
