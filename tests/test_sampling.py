@@ -11,11 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stylenat.cli import main
-from stylenat.models import seeds_to_z
-from stylenat.models import build_generator, model_to_uint8, save_model
-from stylenat.cli import parse_ints
-from stylenat.models import resolve_model
+from stylenat.cli import main, parse_ints
+from stylenat.models import build_generator, model_to_uint8, resolve_model, save_model, seeds_to_z
 from stylenat.sampling import generate, interpolate, seeds_to_w, style_mix
 
 SIZE = 32  # the tiny preset

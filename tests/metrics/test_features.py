@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from stylenat.metrics.features import FeatureStats, dataset_features, seeded_features
-from stylenat.models import seeds_to_z
 from stylenat.metrics.fid import compare
+from stylenat.models import seeds_to_z
 
 
 def test_running_stats_equal_numpy_mean_and_cov():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from stylenat.models.io import find_model_file
 from stylenat.train.checkpoint import (
     capture_rng,
     checkpoint_dirs,
@@ -24,7 +24,6 @@ from stylenat.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from stylenat.models.io import find_model_file
 from stylenat.train.optim import make_adam
 from stylenat.train.sampler import ShardedStream
 

@@ -19,6 +19,7 @@ from tests.train.helpers import assert_bitwise_equal as _assert_bitwise_equal
 from tests.train.helpers import cli as _cli
 from tests.train.helpers import final_state as _final_state
 
+
 def test_run_directory_layout(reference_run):
     names = {p.name for p in reference_run.iterdir()}
     assert {"config.json", "log.txt", "stats.jsonl", "reals.png", "checkpoints"} <= names

@@ -1,0 +1,468 @@
+"""Projection (GAN inversion): find the latent whose image matches a target, as StyleGAN2 does.
+
+The optimisation follows StyleGAN2-ADA's projector: start at the mean w (over ``w_avg_samples``
+mapped z), Adam (betas 0.9, 0.999) on the latent, a learning rate that ramps up linearly over the
+first ``lr_rampup`` of the steps and down along a half cosine over the last ``lr_rampdown``, and
+Gaussian noise of std ``w_std * initial_noise * max(0, 1 - t / noise_ramp)**2`` added to the latent
+while early (t = step / steps; w_std is the RMS distance of the sampled w from their mean).
+StyleNAT has no noise inputs, so there is no noise-map regularisation. Loss per step:
+perceptual distance + ``pixel_weight`` * MSE of the images in [-1, 1].
+
+Latent spaces: "w" optimises one w [style_dim] read by every layer; "w+" one latent per ws index
+[num_ws, style_dim], all starting at the mean w.
+
+Perceptual distances ("distance" argument):
+- "lpips": LPIPS v0.1 VGG16 (:mod:`stylenat.metrics.lpips`); its two weights files must be on disk
+  (never downloaded). Images above 256 pixels are area-downsampled to 256 first, like StyleGAN2.
+- "pyramid": a fixed multi-scale structural distance that needs no weights (:class:`PyramidDistance`),
+  the fallback: the discriminator is not always at hand and its features move with training, so
+  the fallback does not depend on any network.
+- "auto": "lpips" when a loaded module is passed or both files are found, else "pyramid".
+``ProjectionResult.distance`` names the one used ("lpips-vgg16" or "laplacian-pyramid").
+
+Latent files (``.safetensors``, no pickle)::
+
+    tensors:  "latent": w [style_dim] (space "w") or ws [num_ws, style_dim] (space "w+")
+    metadata: "format": "stylenat-latent/1", "space", "num_ws", "style_dim", "resolution",
+              "model": first 16 hex digits of the sha256 of the generator config JSON (sorted keys)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stylenat._system import atomic_path
+from stylenat.errors import ConfigError, DataError, MissingFileError, ModelFileError
+from stylenat.metrics.lpips import LPIPS, load_lpips, lpips_available, model_to_lpips, uint8_to_lpips
+from stylenat.models import model_to_uint8
+
+__all__ = [
+    "ProjectionResult",
+    "PyramidDistance",
+    "project",
+    "load_target",
+    "w_stats",
+    "psnr",
+    "save_latent",
+    "load_latent",
+    "model_identity",
+    "LATENT_FORMAT",
+    "LOSS_NAMES",
+]
+
+LATENT_FORMAT = "stylenat-latent/1"
+LOSS_NAMES = ("total", "perceptual", "pixel")
+SPACES = ("w", "w+")
+DISTANCES = ("auto", "lpips", "pyramid")
+W_STATS_SEED = 123  # fixed like StyleGAN2's, so the starting point does not depend on `seed`
+LPIPS_MAX_SIZE = 256  # VGG was trained on 224-pixel images; StyleGAN2 area-downsamples to 256
+
+
+# ---- distances --------------------------------------------------------------------------------
+
+
+def _binomial_blur(x: Tensor) -> Tensor:
+    """5-tap binomial [1, 4, 6, 4, 1] / 16 blur per channel, reflect-padded (separable)."""
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype, device=x.device) / 16
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="reflect"), k.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="reflect"), k.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+class PyramidDistance(nn.Module):
+    """Weight-free multi-scale structural distance between images [B, 3, H, W] in [-1, 1] -> [B].
+
+    Sum over the levels of a Laplacian pyramid (binomial blur, x2 steps, down to at least
+    ``min_size`` pixels) of the mean absolute difference of the band-pass images, plus, at every
+    level of the Gaussian pyramid, the mean absolute difference of the horizontal and vertical
+    neighbour differences (local gradients, i.e. edges). Band-pass terms compare structure at each
+    scale independent of the others (Lap1 of Bojanowski et al. 2018, per-pixel means weighted
+    equally per level); gradient terms make edges and texture count as much as flat colour.
+    Same interface as LPIPS: :meth:`features_of` once for the target, :meth:`distance_to` per step.
+
+    Args:
+        min_size: smallest pyramid level edge in pixels.
+    """
+
+    def __init__(self, min_size: int = 8):
+        super().__init__()
+        self.min_size = min_size
+
+    def features_of(self, images: Tensor) -> list[Tensor]:
+        """Laplacian bands (finest first, the last is the low-pass residual), then per-level gradients."""
+        gauss = [images.float()]
+        while min(gauss[-1].shape[-2:]) // 2 >= self.min_size:
+            gauss.append(_binomial_blur(gauss[-1])[..., ::2, ::2])
+        bands = [g - F.interpolate(g_next, size=g.shape[-2:], mode="bilinear", align_corners=False)
+                 for g, g_next in zip(gauss[:-1], gauss[1:])]
+        grads = [d for g in gauss for d in (g[..., :, 1:] - g[..., :, :-1], g[..., 1:, :] - g[..., :-1, :])]
+        return bands + gauss[-1:] + grads
+
+    def distance_to(self, feats: list[Tensor], other: list[Tensor]) -> Tensor:
+        """Distances [B] between two :meth:`features_of` results (batches equal or one of size 1)."""
+        return sum((a - b).abs().mean(dim=(1, 2, 3)) for a, b in zip(feats, other))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.distance_to(self.features_of(x), self.features_of(y))
+
+
+def _lpips_input(images: Tensor) -> Tensor:
+    if images.shape[-1] > LPIPS_MAX_SIZE:
+        return F.interpolate(images, size=(LPIPS_MAX_SIZE, LPIPS_MAX_SIZE), mode="area")
+    return images
+
+
+def _choose_distance(distance: str, lpips: nn.Module | None, device) -> tuple[nn.Module, str, Callable]:
+    """(distance module, its name, the image preparation it needs)."""
+    if distance not in DISTANCES:
+        raise ConfigError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+    if distance == "pyramid":
+        return PyramidDistance(), "laplacian-pyramid", lambda x: x
+    if lpips is None and (distance == "lpips" or lpips_available()):
+        lpips = load_lpips(device=device)  # "lpips" with no files raises the where-to-get-it message
+    if lpips is None:
+        return PyramidDistance(), "laplacian-pyramid", lambda x: x
+    return lpips.to(device), "lpips-vgg16", _lpips_input
+
+
+# ---- targets ----------------------------------------------------------------------------------
+
+
+def load_target(source, resolution: int) -> Tensor:
+    """A target as uint8 [3, resolution, resolution], cropped and resized like ``stylenat prepare``.
+
+    Args:
+        source: uint8 tensor [3, S, S] (used as it is; S must equal resolution), a PIL image, or an
+            image file path (decoded, EXIF-rotated and converted to RGB, centre-cropped to a square,
+            Lanczos-resized).
+        resolution: the generator's image edge in pixels.
+    """
+    from PIL import Image
+
+    from stylenat.data.images import decode_image, pil_to_tensor, square_resize, to_rgb
+
+    if isinstance(source, Tensor):
+        return _check_tensor_target(source, resolution)
+    if isinstance(source, Image.Image):
+        return pil_to_tensor(square_resize(to_rgb(source), resolution))
+    path = Path(source)
+    if not path.is_file():
+        raise MissingFileError(f"target image {path} does not exist")
+    try:
+        img = decode_image(path.read_bytes())
+    except Exception as exc:  # Pillow raises many types for foreign, truncated or corrupt files
+        raise DataError(f"{path} is not a readable image ({type(exc).__name__}: {_first_line(exc)}); "
+                        "use a PNG, JPEG or another format Pillow reads") from None
+    return pil_to_tensor(square_resize(img, resolution))
+
+
+def _check_tensor_target(x: Tensor, resolution: int) -> Tensor:
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.dtype != torch.uint8 or x.shape != (3, resolution, resolution):
+        raise DataError(f"a target tensor must be uint8 [3, {resolution}, {resolution}] for this model, got "
+                        f"{x.dtype} {list(x.shape)}; pass the image file or a PIL image to have it cropped and resized")
+    return x.cpu()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ---- the projector ----------------------------------------------------------------------------
+
+
+@dataclass
+class ProjectionResult:
+    """What :func:`project` found.
+
+    Attributes:
+        latent: w [style_dim] (space "w") or ws [num_ws, style_dim] (space "w+"), float32, CPU.
+        space: "w" or "w+".
+        num_ws: latents the generator reads (for :attr:`ws`).
+        image: the latent's image, uint8 [3, S, S].
+        target: the target as it was compared, uint8 [3, S, S].
+        losses: per step, "total", "perceptual" and "pixel" (MSE in [-1, 1]), float tensors [steps].
+        psnr: PSNR of image vs target on uint8 pixels, in dB (inf when identical).
+        distance: the perceptual distance used, "lpips-vgg16" or "laplacian-pyramid".
+        frames: images of the latent after every ``record_every`` steps, uint8 [F, 3, S, S], or None.
+        frame_steps: the step (1-based) of each frame.
+    """
+
+    latent: Tensor
+    space: str
+    num_ws: int
+    image: Tensor
+    target: Tensor
+    losses: dict[str, Tensor]
+    psnr: float
+    distance: str
+    frames: Tensor | None = None
+    frame_steps: list[int] = field(default_factory=list)
+
+    @property
+    def ws(self) -> Tensor:
+        """The latent as ws [num_ws, style_dim] (w broadcast to every layer in space "w")."""
+        return self.latent if self.latent.ndim == 2 else self.latent[None].repeat(self.num_ws, 1)
+
+
+@torch.no_grad()
+def w_stats(g: nn.Module, samples: int = 10000, seed: int = W_STATS_SEED, batch: int = 1000) -> tuple[Tensor, float]:
+    """(mean w [style_dim], RMS distance of w from that mean) over ``samples`` z drawn with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    dev = g.w_avg.device
+    ws = torch.cat([g.mapping.embed(torch.randn(min(batch, samples - i), g.style_dim, generator=gen).to(dev))
+                    for i in range(0, samples, batch)]).double()
+    avg = ws.mean(0)
+    return avg.float(), float(((ws - avg).square().sum() / samples).sqrt())
+
+
+def psnr(a: Tensor, b: Tensor) -> float:
+    """PSNR in dB between uint8 images of equal shape (peak 255); inf when they are equal."""
+    mse = (a.double() - b.double()).square().mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _lr_at(t: float, lr: float, rampdown: float, rampup: float) -> float:
+    """StyleGAN2's schedule at progress t in [0, 1): linear ramp-up, half-cosine ramp-down."""
+    down = min(1.0, (1.0 - t) / rampdown) if rampdown > 0 else 1.0
+    up = min(1.0, t / rampup) if rampup > 0 else 1.0
+    return lr * (0.5 - 0.5 * math.cos(down * math.pi)) * up
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The optimisation settings of :func:`project` (meanings in its docstring)."""
+
+    steps: int
+    space: str
+    seed: int
+    pixel_weight: float
+    lr: float
+    noise_ramp: float
+    initial_noise: float
+    lr_rampdown: float
+    lr_rampup: float
+    w_avg_samples: int
+    record_every: int
+
+    def lr_at(self, step: int) -> float:
+        return _lr_at(step / self.steps, self.lr, self.lr_rampdown, self.lr_rampup)
+
+    def noise_at(self, step: int, w_std: float) -> float:
+        if self.noise_ramp <= 0:
+            return 0.0
+        return w_std * self.initial_noise * max(0.0, 1.0 - step / self.steps / self.noise_ramp) ** 2
+
+
+def _check_args(steps: int, space: str, lr: float, pixel_weight: float, w_avg_samples: int, record_every: int) -> None:
+    if space not in SPACES:
+        raise ConfigError(f"space must be 'w' or 'w+', got {space!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    if lr <= 0 or pixel_weight < 0:
+        raise ConfigError(f"lr must be > 0 and pixel_weight >= 0, got lr={lr}, pixel_weight={pixel_weight}")
+    if w_avg_samples < 2 or record_every < 0:
+        raise ConfigError(f"w_avg_samples must be >= 2 and record_every >= 0, got {w_avg_samples}, {record_every}")
+
+
+def project(
+    g: nn.Module,
+    target,
+    *,
+    steps: int = 1000,
+    space: str = "w+",
+    seed: int = 0,
+    distance: str = "auto",
+    lpips: LPIPS | None = None,
+    pixel_weight: float = 1.0,
+    lr: float = 0.1,
+    noise_ramp: float = 0.75,
+    initial_noise: float = 0.05,
+    lr_rampdown: float = 0.25,
+    lr_rampup: float = 0.05,
+    w_avg_samples: int = 10000,
+    record_every: int = 0,
+    callback: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> ProjectionResult:
+    """Optimise a latent of ``g`` so that its image matches ``target`` (see the module docstring).
+
+    Args:
+        g: a stylenat generator, on the device to run on (its weights are not changed).
+        target: uint8 tensor [3, S, S], a PIL image or an image path (see :func:`load_target`).
+        steps: optimisation steps.
+        space: "w" (one w for every layer) or "w+" (one latent per ws index).
+        seed: seed of the latent noise; the result depends on it only (same seed, same result).
+        distance: "auto", "lpips" or "pyramid" (see the module docstring).
+        lpips: a loaded LPIPS module to use (with distance "auto" or "lpips") instead of the files.
+        pixel_weight: weight of the pixel MSE (images in [-1, 1]) added to the perceptual distance.
+        lr: peak Adam learning rate, in w units per step.
+        noise_ramp: fraction of the steps over which the latent noise decays to zero.
+        initial_noise: latent noise std at step 0, as a fraction of w_std.
+        lr_rampdown: fraction of the steps, at the end, of the cosine learning-rate ramp-down.
+        lr_rampup: fraction of the steps, at the start, of the linear learning-rate ramp-up.
+        w_avg_samples: z samples for the mean w and w_std.
+        record_every: keep the latent's image every this many steps (0: no frames).
+        callback: called after each step as callback(step, steps, {"total", "perceptual", "pixel"}).
+    """
+    _check_args(steps, space, lr, pixel_weight, w_avg_samples, record_every)
+    settings = _Settings(steps, space, seed, pixel_weight, lr, noise_ramp, initial_noise, lr_rampdown, lr_rampup,
+                         w_avg_samples, record_every)
+    target_u8 = load_target(target, g.resolution)
+    dist, dist_name, prep = _choose_distance(distance, lpips, g.w_avg.device)
+    was_training = g.training
+    g.eval()  # in train mode the mapping would move w_avg
+    try:
+        latent, losses, frames, frame_steps = _optimise(g, target_u8, dist, prep, settings, callback)
+        with torch.no_grad():
+            image = _render(g, latent)
+    finally:
+        g.train(was_training)
+    latent = latent[0, 0] if space == "w" else latent[0]
+    return ProjectionResult(latent=latent.cpu(), space=space, num_ws=g.num_ws, image=image, target=target_u8,
+                            losses=losses, psnr=psnr(image, target_u8), distance=dist_name,
+                            frames=torch.stack(frames) if frames else None, frame_steps=frame_steps)
+
+
+def _render(g: nn.Module, latent: Tensor) -> Tensor:
+    """latent [1, 1 or num_ws, D] -> uint8 [3, S, S] on the CPU."""
+    return model_to_uint8(g.synthesis(latent.expand(1, g.num_ws, -1)), g.config)[0].cpu()
+
+
+def _optimise(g: nn.Module, target_u8: Tensor, dist: nn.Module, prep: Callable, s: _Settings,
+              callback) -> tuple[Tensor, dict[str, Tensor], list[Tensor], list[int]]:
+    """The optimisation loop: (latent [1, 1 or num_ws, D], losses, frames, frame steps)."""
+    dev = g.w_avg.device
+    w_avg, w_std = w_stats(g, s.w_avg_samples)
+    latent = w_avg.view(1, 1, -1).repeat(1, 1 if s.space == "w" else g.num_ws, 1).requires_grad_(True)
+    opt = torch.optim.Adam([latent], lr=s.lr, betas=(0.9, 0.999))
+    gen = torch.Generator().manual_seed(s.seed)  # noise is drawn on the CPU so every device sees the same
+    target = uint8_to_lpips(target_u8[None]).to(dev)
+    with torch.no_grad():
+        target_feats = dist.features_of(prep(target))
+    history = torch.zeros(s.steps, 3, dtype=torch.float64)
+    frames, frame_steps = [], []
+    for step in range(s.steps):
+        for group in opt.param_groups:
+            group["lr"] = s.lr_at(step)
+        noise = torch.randn(latent.shape, generator=gen).to(dev) * s.noise_at(step, w_std)
+        image = model_to_lpips(g.synthesis((latent + noise).expand(1, g.num_ws, -1)), g.config)
+        perceptual = dist.distance_to(dist.features_of(prep(image)), target_feats).sum()
+        pixel = F.mse_loss(image, target)
+        loss = perceptual + s.pixel_weight * pixel
+        # autograd.grad, not backward: no gradients accumulate in g's parameters.
+        (latent.grad,) = torch.autograd.grad(loss, [latent])
+        opt.step()
+        history[step] = torch.stack([loss.detach(), perceptual.detach(), pixel.detach()]).double().cpu()
+        if s.record_every and (step + 1) % s.record_every == 0:
+            with torch.no_grad():
+                frames.append(_render(g, latent))
+            frame_steps.append(step + 1)
+        if callback is not None:
+            callback(step + 1, s.steps, dict(zip(LOSS_NAMES, history[step].tolist())))
+    losses = {name: history[:, i].float() for i, name in enumerate(LOSS_NAMES)}
+    return latent.detach(), losses, frames, frame_steps
+
+
+# ---- latent files -----------------------------------------------------------------------------
+
+
+def model_identity(g: nn.Module) -> dict[str, str]:
+    """Metadata naming the model a latent belongs to: config hash, resolution, num_ws, style_dim."""
+    config = json.dumps(g.config.to_dict(), sort_keys=True)
+    return {
+        "model": sha256(config.encode()).hexdigest()[:16],
+        "resolution": str(g.resolution),
+        "num_ws": str(g.num_ws),
+        "style_dim": str(g.style_dim),
+    }
+
+
+def save_latent(path: str | os.PathLike, latent: Tensor, g: nn.Module, space: str) -> Path:
+    """Write a latent file (layout in the module docstring) atomically; returns its path.
+
+    Args:
+        path: output ``.safetensors`` file.
+        latent: w [style_dim] for space "w", ws [num_ws, style_dim] for "w+".
+        g: the generator the latent belongs to.
+        space: "w" or "w+".
+    """
+    from safetensors.torch import save_file
+
+    want = {"w": (g.style_dim,), "w+": (g.num_ws, g.style_dim)}
+    if space not in want:
+        raise ConfigError(f"space must be 'w' or 'w+', got {space!r}")
+    if tuple(latent.shape) != want[space]:
+        raise ConfigError(f"a {space} latent of this model has shape {list(want[space])}, got {list(latent.shape)}")
+    meta = {"format": LATENT_FORMAT, "space": space, **model_identity(g)}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({"latent": latent.detach().float().cpu().contiguous()}, tmp, metadata=meta)
+    return path
+
+
+def read_tagged_file(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a ``.safetensors`` file whose metadata "format" is ``fmt``.
+
+    Args:
+        path: the file. fmt: the expected format tag. what: its kind in words, for messages.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path} does not exist (expected a stylenat {what} file)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path)) if meta.get("format") == fmt else {}
+    except Exception as exc:  # safetensors has its own error types for foreign, truncated or corrupt files
+        raise ModelFileError(f"{path} is not a stylenat {what} file ({_first_line(exc)})") from None
+    if meta.get("format") != fmt:
+        raise ModelFileError(f"{path} is not a stylenat {what} file (format {meta.get('format')!r}, expected {fmt!r})")
+    return tensors, meta
+
+
+def check_identity(path: Path, meta: dict[str, str], g: nn.Module, what: str) -> None:
+    """ModelFileError when the file's latent size or count differs from g's; a warning when only
+    the config hash differs (same latent shapes, so the file loads, but it was made for another model)."""
+    mine = model_identity(g)
+    for key in ("style_dim", "num_ws"):
+        if meta.get(key) != mine[key]:
+            raise ModelFileError(
+                f"{path} is a {what} for another model ({key} {meta.get(key)}, this model has {mine[key]}); "
+                "use it with the model it was made for")
+    if meta.get("model") != mine["model"]:
+        warnings.warn(f"{path} was made for another model configuration ({meta.get('model')}, this one is "
+                      f"{mine['model']}); its latent shapes fit, but the result may be meaningless", stacklevel=3)
+
+
+def load_latent(path: str | os.PathLike, g: nn.Module) -> Tensor:
+    """The latent of a file written by :func:`save_latent`, as ws [num_ws, style_dim] (w is broadcast).
+
+    Args:
+        path: a latent ``.safetensors`` file.
+        g: the generator it will be used with (checked against the file's metadata).
+    """
+    path = Path(path)
+    tensors, meta = read_tagged_file(path, LATENT_FORMAT, "latent")
+    check_identity(path, meta, g, "latent")
+    latent = tensors.get("latent")
+    want = {"w": (g.style_dim,), "w+": (g.num_ws, g.style_dim)}.get(meta.get("space"))
+    if latent is None or want is None or tuple(latent.shape) != want:
+        raise ModelFileError(f"{path} is a damaged latent file (space {meta.get('space')!r}, "
+                             f"tensor {None if latent is None else list(latent.shape)})")
+    return latent.float() if latent.ndim == 2 else latent.float()[None].repeat(g.num_ws, 1)
