@@ -14,24 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from stylenat._system import cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
 
 
 def measure(spec: dict) -> dict:
@@ -71,7 +62,7 @@ def main() -> None:
         for dtype in (["fp32"] if cpu else ["fp32/tf32", "bf16"]):
             for batch in (1, 8):
                 cases.append(dict(preset=preset, batch=batch, device=args.device, dtype=dtype, warmup=warmup, iters=iters))
-    hardware = f"{_cpu_name()}, {torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name()
+    hardware = f"{cpu_name()}, {torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name()
     print(f"generator throughput on {hardware} (torch {torch.__version__})")
     print(f"{'preset':10} {'batch':>5} {'dtype':>9} {'img/s':>9} {'ms/img':>9} {'peak GiB':>9}")
     rows = []

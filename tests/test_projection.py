@@ -225,3 +225,11 @@ def test_latent_files_of_other_models_or_kinds_are_refused(g, tmp_path):
         load_latent(junk, g)
     with pytest.raises(MissingFileError):
         load_latent(tmp_path / "absent.safetensors", g)
+
+
+def test_package_root_re_exports_project():
+    import stylenat
+
+    assert stylenat.project is project and "project" in stylenat.__all__
+    with pytest.raises(AttributeError, match="no attribute 'projector'"):
+        stylenat.projector  # noqa: B018

@@ -14,6 +14,7 @@ from PIL import Image
 from stylenat.cli import main, parse_ints
 from stylenat.models import build_generator, model_to_uint8, resolve_model, save_model, seeds_to_z
 from stylenat.sampling import generate, interpolate, seeds_to_w, style_mix
+from tests.test_projection import varied_tiny
 
 SIZE = 32  # the tiny preset
 
@@ -100,6 +101,32 @@ def test_interpolate_frames(g, space):
         with torch.no_grad():
             mid = model_to_uint8(g.synthesis(((w[0] + w[1]) / 2).expand(1, g.num_ws, -1)), g.config)[0]
         assert torch.equal(looped[2], mid)
+
+
+def test_style_mix_and_interpolate_take_latents():
+    g = varied_tiny()  # images that change a lot with w, so a wrong latent shows
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, g.num_ws, g.style_dim, generator=gen)  # w+ latents: one per ws index
+    cols = torch.randn(3, g.style_dim, generator=gen)  # w latents
+    grid = style_mix(g, rows, cols, [4, 5], truncation_psi=0.5)  # truncation is for seeds only
+    ws = rows[:, None].repeat(1, 3, 1, 1)
+    ws[:, :, 4:6] = cols[None, :, None]
+    with torch.no_grad():
+        want = model_to_uint8(g.synthesis(ws.flatten(0, 1)), g.config)
+        own_rows = model_to_uint8(g.synthesis(rows), g.config)
+    assert torch.equal(grid[1:, 1:].flatten(0, 1), want) and torch.equal(grid[1:, 0], own_rows)
+    mixed = style_mix(g, rows, [7, 8], [0])  # latents on one side, seeds on the other
+    assert torch.equal(mixed[0, 1:], generate(g, [7, 8]))
+
+    frames = interpolate(g, rows, 2, loop=False)  # per ws index: halfway is the mean of each layer's latents
+    assert frames.shape == (3, 3, SIZE, SIZE) and torch.equal(frames[0], own_rows[0]) and torch.equal(frames[2], own_rows[1])
+    with torch.no_grad():
+        mid = model_to_uint8(g.synthesis(rows.mean(0, keepdim=True)), g.config)[0]
+    assert (frames[1].int() - mid.int()).abs().max() <= 1  # lerp and mean may round the last bit apart
+    with pytest.raises(ValueError, match="space 'w'"):
+        interpolate(g, rows, 2, space="z")
+    with pytest.raises(ValueError, match=r"latents must be ws \[N, 8, 64\] or w \[N, 64\]"):
+        style_mix(g, torch.zeros(1, 3, g.style_dim), [1], [0])
 
 
 # ---- CLI ----------------------------------------------------------------------------------------

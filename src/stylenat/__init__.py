@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load"]
+__all__ = ["__version__", "load", "project"]
 
 
 def load(path, which: str = "g_ema", device="cpu"):
@@ -15,3 +15,12 @@ def load(path, which: str = "g_ema", device="cpu"):
     from stylenat.models.io import load_model  # lazy: `import stylenat` stays free of torch
 
     return load_model(path, which=which, device=device)
+
+
+def __getattr__(name: str):
+    """``stylenat.project``: :func:`stylenat.projection.project`, imported on first use (PEP 562)."""
+    if name == "project":
+        from stylenat.projection import project  # lazy, as in load(): `import stylenat` stays free of torch
+
+        return project
+    raise AttributeError(f"module 'stylenat' has no attribute {name!r}")

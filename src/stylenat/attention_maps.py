@@ -82,19 +82,20 @@ class AttentionMap:
 
 
 @torch.no_grad()
-def attention_maps(g: nn.Module, seed: int, pixel: tuple[int, int], resolutions: Sequence[int] | None = None,
-                   truncation_psi: float = 1.0) -> tuple[Tensor, list[AttentionMap]]:
+def attention_maps(g: nn.Module, seed: int | Tensor, pixel: tuple[int, int], resolutions: Sequence[int] | None = None,
+                   truncation_psi: float = 1.0, labels: int | str | None = None) -> tuple[Tensor, list[AttentionMap]]:
     """Generate the image of ``seed`` and read every head group's attention at one of its pixels.
 
     Args:
-        g: a stylenat generator. seed: the image's seed (as in :func:`stylenat.sampling.generate`).
+        g: a stylenat generator. seed: the image's seed (as in :func:`stylenat.sampling.generate`),
+            or its latents ws [num_ws, style_dim] / w [style_dim] (e.g. a projection's).
         pixel: (y, x) in output-image pixels; at a stage of resolution r it is (y * r // S, x * r // S).
-        resolutions: stages to read (default all). truncation_psi: as in generate.
+        resolutions: stages to read (default all). truncation_psi, labels: as in generate.
     Returns:
         (the image, uint8 [3, S, S]; the maps, stage by stage, block by block, group by group).
     """
     from stylenat.models import model_to_uint8
-    from stylenat.sampling import seeds_to_w
+    from stylenat.sampling import as_ws
 
     size = g.resolution
     py, px = pixel
@@ -111,8 +112,8 @@ def attention_maps(g: nn.Module, seed: int, pixel: tuple[int, int], resolutions:
         for r in wanted for j, block in enumerate(stages[r].blocks)
     ]
     try:
-        w = seeds_to_w(g, [seed], truncation_psi)
-        raw = g.synthesis(w[:, None].expand(-1, g.num_ws, -1))
+        with torch.no_grad():
+            raw = g.synthesis(as_ws(g, seed[None] if isinstance(seed, Tensor) else [seed], truncation_psi, labels))
     finally:
         for hook in hooks:
             hook.remove()

@@ -61,7 +61,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from stylenat.data import prepare_dataset
 
-    report = prepare_dataset(args.src, args.dst, args.size, filter=args.filter, crop=args.crop, workers=args.workers)
+    report = prepare_dataset(args.src, args.dst, args.size, filter=args.filter, crop=args.crop, labels=args.labels,
+                             workers=args.workers)
     print(f"stylenat prepare: {report.summary()}")
     return 0
 
@@ -83,6 +84,7 @@ def _assignments(items: list[str], flag: str) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from stylenat.models.loading import read_official_meta
     from stylenat.train import NonFiniteError, TrainingStopped, get_train_preset, resume, train
     from stylenat.train.signals import STOPPED_EXIT_STATUS
 
@@ -92,16 +94,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 0
         if not args.run_dir:
             raise UserError("--run-dir is required (or --resume DIR to continue a run)")
+        if args.meta and not args.init:
+            raise UserError("--meta describes an official checkpoint given with --init; add --init CKPT.pt")
         flags = {"data": args.data, "run_dir": args.run_dir, "seed": args.seed, "steps": args.steps, "batch": args.batch,
                  "accum": args.accum, "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every,
                  "keep": args.keep, "device": args.device, "amp": args.amp, "workers": args.workers,
                  "tick_every": args.tick_every, "on_nonfinite": args.on_nonfinite, "metrics_every": args.metrics_every,
                  "inception": args.inception, "metrics": tuple(args.metrics.split(",")) if args.metrics else None,
-                 "checkpoint_minutes": args.checkpoint_minutes, "deterministic": args.deterministic}
+                 "checkpoint_minutes": args.checkpoint_minutes, "deterministic": args.deterministic,
+                 "resolution": args.resolution, "init": args.init, "freeze_d": args.freeze_d, "aug": args.aug,
+                 "aug_p": args.aug_p, "init_meta": read_official_meta(args.meta) if args.meta else None,
+                 "cond": None if args.cond is None else args.cond == "true",
+                 "init_preset": args.preset if args.init and not args.meta else None}
         values = {**_assignments(args.set, "--set"), **{k: v for k, v in flags.items() if v is not None}}
         values["generator"] = _assignments(args.generator, "--generator")
         values["discriminator"] = _assignments(args.discriminator, "--discriminator")
-        train(get_train_preset(args.preset).replace(**values))
+        train(get_train_preset(args.preset or "ffhq").replace(**values))
     except NonFiniteError as exc:
         print(f"stylenat train: stopped: {exc}; the last checkpoint is intact (resume with --resume, "
               f"or pass --on-nonfinite skip)", file=sys.stderr)
@@ -113,7 +121,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:
-    from stylenat.metrics.fid import evaluate
+    from stylenat.metrics.registry import evaluate
 
     result = evaluate(args.first, args.real, num=args.num, kid=args.kid, resolution=args.resolution,
                       inception=args.inception, batch=args.batch, device=args.device, workers=args.workers)
@@ -121,6 +129,27 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     if args.kid:
         line += f", KID {result['kid']:.6f} +- {result['kid_std']:.6f}"
     print(line)
+    return 0
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from stylenat._system import atomic_path
+    from stylenat.metrics.registry import measure
+
+    names = [n for n in args.metrics.split(",") if n]
+    values = measure(args.first, args.real, names, num=args.num, resolution=args.resolution, inception=args.inception,
+                     batch=args.batch, device=args.device, workers=args.workers, per_class=args.per_class)
+    for key, value in values.items():
+        if not key.startswith("num_"):
+            print(f"{key} {value:.4f}" if abs(value) >= 1e-3 else f"{key} {value:.6g}")
+    counts = ", ".join(f"{n}: {values[f'num_fake_{n}']} vs {values[f'num_real_{n}']}" for n in map(str.lower, names))
+    print(f"images compared ({counts}); wrote {args.out}", file=sys.stderr)
+    record = {"first": str(args.first), "real": str(args.real), "metrics": names, "results": values}
+    with atomic_path(args.out) as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
@@ -149,35 +178,75 @@ def _load_generator(args: argparse.Namespace):
     return resolve_model(args.model, preset=args.preset, meta=args.meta, device=args.device)
 
 
+def _safe_name(text: str) -> str:
+    """A class name made safe for a file name."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    import torch
 
     from stylenat.data.images import save_image_grid
     from stylenat.sampling import generate
 
     seeds = parse_ints(args.seeds, "--seeds")
     grid = tuple(parse_ints(args.grid.replace("x", ","), "--grid")) if args.grid else None
+    if grid is not None and args.classes:
+        raise UserError("--classes lays out its own grid (one row per class); drop --grid")
     if grid is not None and (len(grid) != 2 or min(grid) < 1 or grid[0] * grid[1] < len(seeds)):
         raise UserError(f"--grid {args.grid}: need ROWSxCOLS with room for all {len(seeds)} seeds")
-    if args.no_images and grid is None:
+    if args.no_images and grid is None and not args.classes:
         raise UserError("--no-images without --grid would write nothing; add --grid ROWSxCOLS")
-    images = generate(_load_generator(args), seeds, args.trunc, args.batch)
+    g = _load_generator(args)
+    if args.classes:  # one row per class, one column per seed
+        if not g.config.num_classes:
+            raise UserError("--classes: this model is unconditional (it has no classes)")
+        classes = range(g.config.num_classes)
+        images = torch.cat([generate(g, seeds, args.trunc, args.batch, labels=k) for k in classes])
+        grid = (len(classes), len(seeds))
+        seeds = [f"{s:04d}-{g.config.classes[k]}" for k in classes for s in seeds]
+    else:
+        images = generate(g, seeds, args.trunc, args.batch, labels=args.cls)
+        seeds = [f"{s:04d}" for s in seeds]
     out = Path(args.out)
     if not args.no_images:
         for seed, image in zip(seeds, images):
-            save_image_grid(image[None], out / f"seed{seed:04d}.png", (1, 1))
+            save_image_grid(image[None], out / f"seed{_safe_name(seed)}.png", (1, 1))
     if grid is not None:
         save_image_grid(images, out / "grid.png", grid)
     print(f"wrote {0 if args.no_images else len(seeds)} images{' and grid.png' if grid else ''} to {out}")
     return 0
 
 
+def _float_list(text: str, name: str) -> list[float]:
+    """Numbers from "-3,-1.5,0,1.5,3"; name: the option it came from, for the error message."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{name}: cannot read {text!r}; use a list like -3,-1.5,0,1.5,3") from None
+
+
+def _seeds_or_latents(g, seeds: str | None, latents: str | None, flag: str):
+    """The seeds of option ``flag``, or (when given instead) ws [N, num_ws, style_dim] of comma-separated latent files."""
+    if latents is None:
+        return parse_ints(seeds, flag)
+    import torch
+
+    from stylenat.models.latents import load_latent
+
+    return torch.stack([load_latent(path.strip(), g) for path in latents.split(",")])
+
+
 def _cmd_mix(args: argparse.Namespace) -> int:
     from stylenat.data.images import save_image_grid
     from stylenat.sampling import style_mix
 
-    grid = style_mix(_load_generator(args), parse_ints(args.rows, "--rows"), parse_ints(args.cols, "--cols"),
-                     parse_ints(args.layers, "--layers"), args.trunc, args.batch)
+    g = _load_generator(args)
+    grid = style_mix(g, _seeds_or_latents(g, args.rows, args.row_latents, "--rows"),
+                     _seeds_or_latents(g, args.cols, args.col_latents, "--cols"),
+                     parse_ints(args.layers, "--layers"), args.trunc, args.batch, labels=args.cls)
     save_image_grid(grid.flatten(0, 1), args.out, tuple(grid.shape[:2]))
     print(f"wrote {args.out} ({grid.shape[0]}x{grid.shape[1]} cells)")
     return 0
@@ -187,10 +256,108 @@ def _cmd_video(args: argparse.Namespace) -> int:
     from stylenat.sampling import check_video_path, interpolate, save_video
 
     check_video_path(args.out)  # fail before rendering, not after
-    frames = interpolate(_load_generator(args), parse_ints(args.seeds, "--seeds"), args.frames, loop=args.loop,
-                         space=args.space, truncation_psi=args.trunc, batch=args.batch)
+    g = _load_generator(args)
+    frames = interpolate(g, _seeds_or_latents(g, args.seeds, args.latents, "--seeds"), args.frames, loop=args.loop,
+                         space=args.space, truncation_psi=args.trunc, batch=args.batch, labels=args.cls)
     save_video(frames, args.out, fps=args.fps, loop=args.loop)
     print(f"wrote {args.out} ({len(frames)} frames at {args.fps:g} fps)")
+    return 0
+
+
+PROJECT_VIDEO_FRAMES = 100  # --video records the latent's image this many times, evenly over the steps
+
+
+def _projection_folders(paths: list, target: str, out: str) -> list:
+    """One output folder per target file: OUT/<name without extension>, a folder target's subfolders kept."""
+    from collections import Counter
+    from pathlib import Path
+
+    target, out = Path(target), Path(out)
+    folders = [out / (p.relative_to(target).with_suffix("") if target.is_dir() else p.stem) for p in paths]
+    twice = [f for f, n in Counter(folders).items() if n > 1]
+    if twice:
+        names = [p.name for p, f in zip(paths, folders) if f == twice[0]]
+        raise ConfigError(f"targets {' and '.join(names)} would share the output folder {twice[0]}; rename one")
+    return folders
+
+
+def _lpips_for(args: argparse.Namespace, device) -> tuple:
+    """(the LPIPS module, or None for the weight-free fallback; a line saying which distance is used)."""
+    from stylenat.metrics.lpips import load_lpips, lpips_available
+
+    if args.distance == "pyramid":
+        return None, "distance: laplacian-pyramid (--distance pyramid)"
+    if args.distance == "lpips" or lpips_available(args.lpips_vgg, args.lpips_lin):
+        return load_lpips(args.lpips_vgg, args.lpips_lin, device=device), "distance: lpips-vgg16"
+    return None, ("distance: laplacian-pyramid, the fallback: no LPIPS weights found (--distance lpips "
+                  "says where to get and put them)")
+
+
+def _cmd_project(args: argparse.Namespace) -> int:
+    import time
+
+    from stylenat.metrics.features import Progress
+    from stylenat.projection import load_target, project, save_projection, target_files
+    from stylenat.sampling import check_video_path
+
+    if args.video:
+        check_video_path(f"optimization.{args.video}")  # fail before optimising, not after
+    g = _load_generator(args)
+    paths = target_files(args.target)
+    targets = [load_target(path, g.resolution) for path in paths]  # a bad file fails now, not hours in
+    folders = _projection_folders(paths, args.target, args.out)
+    lpips, line = _lpips_for(args, g.w_avg.device)  # loaded once for all targets
+    print(line)
+    record_every = max(1, args.steps // PROJECT_VIDEO_FRAMES) if args.video else 0
+    for path, target, folder in zip(paths, targets, folders):
+        progress, start = Progress(f"project {path.name}", args.steps), time.monotonic()
+
+        def show(step: int, steps: int, loss: dict) -> None:
+            progress.update(step, f" steps, loss {loss['total']:.4f}, {time.monotonic() - start:.0f} s")
+
+        result = project(g, target, steps=args.steps, space=args.space, seed=args.seed, lpips=lpips,
+                         distance="pyramid" if lpips is None else "lpips", record_every=record_every, callback=show)
+        seconds = time.monotonic() - start
+        save_projection(result, folder, g, args.video, info={"target": str(path), "seed": args.seed, "seconds": seconds})
+        curve = result.losses["total"]
+        print(f"{path}: loss {curve[0]:.4f} -> {curve[-1]:.4f}, PSNR {result.psnr:.2f} dB "
+              f"({result.distance}, {args.space}, {seconds:.1f} s) -> {folder}")
+    return 0
+
+
+def _cmd_directions(args: argparse.Namespace) -> int:
+    from stylenat.editing import save_directions, sefa_directions
+
+    g = _load_generator(args)
+    layers = parse_ints(args.layers, "--layers") if args.layers else None
+    directions, values = sefa_directions(g, layers)
+    save_directions(args.out, directions, values, g, layers)
+    print(f"wrote {args.out}: {len(values)} SeFa directions of ws {args.layers or f'0-{g.num_ws - 1}'}; "
+          "top eigenvalues (share of the sum):")
+    for i, value in enumerate(values[:args.top].tolist()):
+        print(f"  {i:>3}  {value:10.4f}  ({100 * value / float(values.sum()):4.1f}%)")
+    return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from stylenat.data.images import save_image_grid
+    from stylenat.editing import load_directions, render_edits, sefa_directions
+    from stylenat.sampling import as_ws
+
+    g = _load_generator(args)
+    ws = as_ws(g, _seeds_or_latents(g, args.seeds, args.latents, "--seeds"), args.trunc)
+    strengths = _float_list(args.strengths, "--strengths")
+    layers = parse_ints(args.layers, "--layers") if args.layers else None
+    if args.directions:
+        directions, _, file_layers = load_directions(args.directions, g)
+        layers = file_layers if layers is None else layers  # directions act on the ws they were found for
+    else:
+        directions, _ = sefa_directions(g, layers)
+    if not 0 <= args.direction < len(directions):
+        raise ConfigError(f"--direction {args.direction}: there are {len(directions)} directions (0-{len(directions) - 1})")
+    images = render_edits(g, ws, directions[args.direction], strengths, layers, args.batch)  # [N, T, 3, S, S]
+    save_image_grid(images.flatten(0, 1), args.out, tuple(images.shape[:2]))
+    print(f"wrote {args.out} ({len(ws)} rows; columns: strengths {args.strengths} along direction {args.direction})")
     return 0
 
 
@@ -232,10 +399,20 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     if len(pixel) != 2:
         raise UserError(f"--pixel takes Y,X, got {args.pixel!r}")
     resolutions = parse_ints(args.resolutions, "--resolutions") if args.resolutions else None
-    image, maps = attention_maps(_load_generator(args), args.seed, tuple(pixel), resolutions, args.trunc)
+    image, maps = attention_maps(_load_generator(args), args.seed, tuple(pixel), resolutions, args.trunc, args.cls)
     cells, grid = render_attention_maps(image, maps, tuple(pixel), args.cell)
     save_image_grid(cells, args.out, grid)
     print(f"wrote {args.out} ({grid[0]} rows: resolution x block; columns: image, then head groups)")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from stylenat.app import require_app_extra
+
+    require_app_extra()  # before loading the model: fail in a second, not after it
+    from stylenat.app.server import serve
+
+    serve(_load_generator(args), host=args.host, port=args.port)
     return 0
 
 
@@ -253,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", default="lanczos", choices=["lanczos", "box", "bicubic"], help="resampling filter")
     p.add_argument("--crop", default="center", choices=["center", "none"],
                    help="center: cut the largest centred square; none: skip non-square images")
+    p.add_argument("--labels", metavar="folders|none|FILE.csv",
+                   help="class labels: folders (one class per first-level folder), a CSV file with columns path,label, "
+                        "or none; default: StyleGAN's dataset.json in SRC when there is one")
     p.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
     p.set_defaults(func=_cmd_prepare)
 
@@ -262,8 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 stop the run after the current step with a "
                               "checkpoint and exit status 75 (a second signal stops at once); --resume continues it. "
                               "Exit status 3: stopped on a non-finite loss; 2: a user error.")
-    p.add_argument("--preset", default="ffhq256", help="model and training preset: ffhq256, ffhq1024, church256, tiny")
+    p.add_argument("--preset", help="model and training preset: ffhq256, ffhq1024, church256, tiny, or a family sized "
+                                    "by --resolution or the data: ffhq (default), church")
+    p.add_argument("--resolution", type=int, help="image edge of a family preset (16..1024; default: the data's)")
     p.add_argument("--data", help="dataset folder or zip, or 'demo' for the built-in faces")
+    p.add_argument("--init", metavar="MODEL", help="fine-tune: start G, G_ema and D from a run directory, a model file or an "
+                                                 "official .pt (with --preset or --meta); optimizers and counters start fresh")
+    p.add_argument("--meta", metavar="META.json", help="configuration of an official --init checkpoint in official terms")
+    p.add_argument("--freeze-d", type=int, help="FreezeD: keep the first N discriminator blocks (from the input side) fixed")
+    p.add_argument("--aug", choices=["none", "ada", "diffaug"], help="augment what D sees: ada (adaptive), diffaug, none (default)")
+    p.add_argument("--aug-p", type=float, help="with --aug ada: a fixed augmentation probability instead of the adaptive one")
+    p.add_argument("--cond", choices=["true", "false"], help="class-conditional training: default when the data has labels; "
+                                                             "false ignores them")
     p.add_argument("--run-dir", help="output directory: config.json, log.txt, stats.jsonl, image grids, checkpoints/")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (other options ignored but --steps)")
     p.add_argument("--steps", type=int, help="train until this step (also where the lr decay ends)")
@@ -278,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["bf16"], help="bf16 autocast for forward passes")
     p.add_argument("--workers", type=int, help="data-loading processes per rank")
     p.add_argument("--on-nonfinite", choices=["stop", "skip"], help="when a loss is NaN/inf: stop (default) or skip the step")
-    p.add_argument("--metrics", help="metrics of g_ema against --data during training, e.g. fid50k or fid10k,kid10k")
+    p.add_argument("--metrics", help="metrics of g_ema against --data during training, e.g. fid50k, fid10k,kid10k or swd2k")
     p.add_argument("--metrics-every", type=int, help="steps between metric evaluations")
     p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth for --metrics")
     p.add_argument("--checkpoint-minutes", type=float, help="also checkpoint when this many minutes passed since the last one")
@@ -303,6 +493,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default 0: in the main process)")
     p.set_defaults(func=_cmd_fid)
 
+    p = sub.add_parser("metrics", help="FID, KID, precision/recall and SWD of a model or an image set against real images",
+                       description="Metrics by name: fid, kid, pr (precision/recall, k=3), swd (sliced Wasserstein "
+                                   "distance of Laplacian-pyramid patches, x1e3; needs no weights file), each with an "
+                                   "optional image count, e.g. fid50k, swd2k. fid, kid and pr need the Inception "
+                                   "weights (--inception).")
+    p.add_argument("first", metavar="MODEL_OR_FOLDER", help="model file or run directory (its g_ema), or an image folder/zip")
+    p.add_argument("real", metavar="REAL_FOLDER_OR_ZIP", help="real images: folder or zip (raw or prepared), or demo")
+    p.add_argument("--metrics", default="fid", help="comma-separated names, e.g. fid,kid,pr,swd (default fid)")
+    p.add_argument("--num", type=int, help="images of the first set for every metric (default: each name's count; "
+                                            "fid/kid/pr 50000, swd 10000)")
+    p.add_argument("--resolution", type=int, help="side both sets are read at (default: the model's; needed for two image sets)")
+    p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth (default: $STYLENAT_INCEPTION, then the cache dir)")
+    p.add_argument("--batch", type=int, default=32, help="images per forward (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default 0: in the main process)")
+    p.add_argument("--per-class", action="store_true", help="also every metric per class of the labelled real data "
+                                                            "(a conditional model's images of that class against them)")
+    p.add_argument("--out", default="metrics.json", help="JSON file of the results (default metrics.json)")
+    p.set_defaults(func=_cmd_metrics)
+
     p = sub.add_parser("convert-official", help="convert an official StyleNAT checkpoint (.pt) to a stylenat model file")
     p.add_argument("checkpoint", metavar="CKPT", help="official checkpoint {'g', 'd', 'g_ema', 'args'}")
     p.add_argument("out", metavar="OUT", help="output .safetensors model file")
@@ -317,23 +527,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--meta", metavar="META.json", help="official checkpoints: configuration in official terms")
         p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
 
+    def class_arg(p):
+        p.add_argument("--class", dest="cls", metavar="N|NAME", help="class-conditional models: the class (index or name)")
+
     def sampling_args(p):
-        p.add_argument("--trunc", type=float, default=1.0, help="truncation psi: 1 none (default), 0 the mean image")
+        p.add_argument("--trunc", type=float, default=1.0, help="truncation psi: 1 none (default), 0 the mean image "
+                                                                "(of the class, for a conditional model)")
         p.add_argument("--batch", type=int, default=16, help="images per forward pass (default 16)")
+        class_arg(p)
 
     p = sub.add_parser("generate", help="images from seeds: one PNG per seed and/or a grid")
     model_args(p)
     p.add_argument("--seeds", required=True, help="seeds, e.g. 0-63, 1,5,9 or 0-3,10")
     p.add_argument("--grid", metavar="ROWSxCOLS", help="also write grid.png, e.g. 8x8")
     p.add_argument("--no-images", action="store_true", help="write only the grid")
+    p.add_argument("--classes", action="store_true", help="class-conditional models: a grid.png with one row per class "
+                                                          "(columns: the seeds), and seed<N>-<class>.png files")
     p.add_argument("--out", required=True, help="output folder (seed0000.png, ..., grid.png)")
     sampling_args(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("mix", help="style-mixing grid: rows' latents with some ws indices from the columns")
     model_args(p)
-    p.add_argument("--rows", required=True, help="row seeds (their images form column 0)")
-    p.add_argument("--cols", required=True, help="column seeds (their images form row 0)")
+    rows = p.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--rows", help="row seeds (their images form column 0)")
+    rows.add_argument("--row-latents", metavar="FILES", help="rows from latent files instead (comma-separated, e.g. from project)")
+    cols = p.add_mutually_exclusive_group(required=True)
+    cols.add_argument("--cols", help="column seeds (their images form row 0)")
+    cols.add_argument("--col-latents", metavar="FILES", help="columns from latent files instead (comma-separated)")
     p.add_argument("--layers", required=True, help="ws indices taken from the column seed, e.g. 0-3 (coarse) or 8-13 (fine)")
     p.add_argument("--out", required=True, help="output PNG")
     sampling_args(p)
@@ -341,7 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("video", help="interpolation video through the seeds' latents (.gif, or .mp4 with stylenat[video])")
     model_args(p)
-    p.add_argument("--seeds", required=True, help="key-frame seeds in order, e.g. 0-5")
+    keys = p.add_mutually_exclusive_group(required=True)
+    keys.add_argument("--seeds", help="key-frame seeds in order, e.g. 0-5")
+    keys.add_argument("--latents", metavar="FILES", help="key frames from latent files instead (comma-separated; "
+                                                         "w+ latents interpolate per ws index; --space w)")
     p.add_argument("--frames", type=int, default=30, help="frames from one seed to the next (default 30)")
     p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=True, help="return to the first seed (default on)")
     p.add_argument("--space", choices=["w", "z"], default="w", help="w: linear in w (default); z: spherical in z")
@@ -349,6 +573,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .gif or .mp4")
     sampling_args(p)
     p.set_defaults(func=_cmd_video)
+
+    p = sub.add_parser("project", help="find the latent of real images (GAN inversion): latent file, image, "
+                                        "side-by-side, loss curve",
+                       description="StyleGAN2's projector: Adam on a latent from the mean w, a perceptual distance "
+                                   "plus pixel MSE. Writes OUT/<target name>/: latent.safetensors, projected.png, "
+                                   "side_by_side.png (target | projection), losses.json[, optimization.gif|mp4].")
+    model_args(p)
+    p.add_argument("target", metavar="TARGET", help="an image, or a folder of images (searched recursively); "
+                                                     "cropped and resized to the model like `stylenat prepare`")
+    p.add_argument("--out", default="projections", help="output folder, one subfolder per target (default projections)")
+    p.add_argument("--steps", type=int, default=1000, help="optimisation steps per target (default 1000)")
+    p.add_argument("--space", choices=["w", "w+"], default="w+", help="w: one latent for every layer; w+: one per ws index (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent noise (default 0)")
+    p.add_argument("--distance", choices=["auto", "lpips", "pyramid"], default="auto",
+                   help="auto (default): LPIPS VGG16 when its weights are found, else the weight-free laplacian pyramid")
+    p.add_argument("--lpips-vgg", metavar="PATH", help="vgg16-397923af.pth (default: $STYLENAT_LPIPS_VGG, the cache dir, torch hub)")
+    p.add_argument("--lpips-lin", metavar="PATH", help="LPIPS v0.1 VGG lin weights (default: $STYLENAT_LPIPS, the cache dir)")
+    p.add_argument("--video", choices=["gif", "mp4"], help="also write the optimisation beside the target as a video "
+                                                          "(mp4 needs stylenat[video])")
+    p.set_defaults(func=_cmd_project)
+
+    p = sub.add_parser("directions", help="SeFa latent directions (closed form, from the style weights) into a file")
+    model_args(p)
+    p.add_argument("--layers", help="ws indices whose style weights are factorised, e.g. 0-3 (default all)")
+    p.add_argument("--top", type=int, default=10, help="eigenvalues printed (default 10)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=_cmd_directions)
+
+    p = sub.add_parser("edit", help="edit grid: seeds or latent files (rows) moved along a SeFa direction by each strength (columns)")
+    model_args(p)
+    sources = p.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--seeds", help="row seeds, e.g. 0-3")
+    sources.add_argument("--latents", "--latent", metavar="FILES", help="rows from latent files instead (comma-separated)")
+    p.add_argument("--direction", type=int, default=0, help="direction index, by eigenvalue (default 0: the largest)")
+    p.add_argument("--strengths", default="-3,-1.5,0,1.5,3",
+                   help="steps along the direction in w units (default -3,-1.5,0,1.5,3; a list starting with a minus "
+                        "needs the = form: --strengths=-2,2)")
+    p.add_argument("--layers", help="ws indices to move, e.g. 0-3 (default: the --directions file's, else all); "
+                                    "without --directions, SeFa of these")
+    p.add_argument("--directions", metavar="FILE", help="directions from `stylenat directions` (default: SeFa computed here)")
+    p.add_argument("--out", required=True, help="output PNG")
+    sampling_args(p)
+    p.set_defaults(func=_cmd_edit)
 
     p = sub.add_parser("bench", help="generator throughput (img/s), memory and FLOP utilisation",
                        description="The paper's protocol: g_ema, 10 warm-up and 500 timed passes with CUDA events "
@@ -368,9 +635,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel", required=True, metavar="Y,X", help="query pixel in output-image coordinates")
     p.add_argument("--resolutions", help="stages to show, e.g. 16,32 (default all)")
     p.add_argument("--trunc", type=float, default=1.0, help="truncation psi (default 1: none)")
+    class_arg(p)
     p.add_argument("--cell", type=int, default=128, help="edge of each heat-map cell in pixels (default 128)")
     p.add_argument("--out", default="attention.png", help="output PNG (default attention.png)")
     p.set_defaults(func=_cmd_attention)
+
+    p = sub.add_parser("serve", help="latent explorer in the browser: sample, mix, interpolate, edit, project, attention",
+                       description='A local web app on the model (needs: pip install "stylenat[app]"); works offline.')
+    model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860; 0: any free port)")
+    p.set_defaults(func=_cmd_serve)
 
     return parser
 

@@ -17,7 +17,7 @@ Direction files (``.safetensors``, no pickle)::
 
     tensors:  "directions" [K, style_dim] (rows, by eigenvalue descending), "eigenvalues" [K]
     metadata: "format": "stylenat-directions/1", "layers": JSON list of ws indices, plus the model
-              identity of :func:`stylenat.projection.model_identity` (config hash, resolution,
+              identity of :func:`stylenat.models.latents.model_identity` (config hash, resolution,
               num_ws, style_dim)
 """
 
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from stylenat._system import atomic_path
 from stylenat.errors import ConfigError, ModelFileError
 from stylenat.models import model_to_uint8
-from stylenat.projection import check_identity, model_identity, read_tagged_file
+from stylenat.models.latents import check_identity, model_identity, read_tagged_file
 
 __all__ = [
     "DIRECTIONS_FORMAT",

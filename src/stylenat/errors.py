@@ -11,7 +11,7 @@ The subclasses also derive from the built-in exception a caller would expect (``
 
 from __future__ import annotations
 
-__all__ = ["UserError", "ConfigError", "DataError", "ModelFileError", "MissingFileError"]
+__all__ = ["UserError", "ConfigError", "DataError", "ModelFileError", "MissingFileError", "first_line"]
 
 
 class UserError(Exception):
@@ -32,3 +32,9 @@ class ModelFileError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), to quote inside a one-line error."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

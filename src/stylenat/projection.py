@@ -17,14 +17,12 @@ Perceptual distances ("distance" argument):
 - "pyramid": a fixed multi-scale structural distance that needs no weights (:class:`PyramidDistance`),
   the fallback: the discriminator is not always at hand and its features move with training, so
   the fallback does not depend on any network.
-- "auto": "lpips" when a loaded module is passed or both files are found, else "pyramid".
+- "auto": "lpips" when a loaded module is passed or both files are found, else "pyramid" (a file
+  named by its environment variable but absent is an error, not a reason to fall back).
 ``ProjectionResult.distance`` names the one used ("lpips-vgg16" or "laplacian-pyramid").
 
-Latent files (``.safetensors``, no pickle)::
-
-    tensors:  "latent": w [style_dim] (space "w") or ws [num_ws, style_dim] (space "w+")
-    metadata: "format": "stylenat-latent/1", "space", "num_ws", "style_dim", "resolution",
-              "model": first 16 hex digits of the sha256 of the generator config JSON (sorted keys)
+Results are saved with :func:`save_latent` and read back with :func:`load_latent` (the latent file
+format of :mod:`stylenat.models.latents`, re-exported here).
 """
 
 from __future__ import annotations
@@ -32,10 +30,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from hashlib import sha256
 from pathlib import Path
 
 import torch
@@ -43,27 +39,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stylenat._system import atomic_path
-from stylenat.errors import ConfigError, DataError, MissingFileError, ModelFileError
+from stylenat.errors import ConfigError, DataError, MissingFileError, first_line
 from stylenat.metrics.lpips import LPIPS, load_lpips, lpips_available, model_to_lpips, uint8_to_lpips
 from stylenat.models import model_to_uint8
+from stylenat.models.latents import SPACES, load_latent, save_latent
 
 __all__ = [
     "ProjectionResult",
     "PyramidDistance",
     "project",
     "load_target",
+    "target_files",
+    "save_projection",
     "w_stats",
     "psnr",
     "save_latent",
     "load_latent",
-    "model_identity",
-    "LATENT_FORMAT",
     "LOSS_NAMES",
 ]
 
-LATENT_FORMAT = "stylenat-latent/1"
 LOSS_NAMES = ("total", "perceptual", "pixel")
-SPACES = ("w", "w+")
 DISTANCES = ("auto", "lpips", "pyramid")
 W_STATS_SEED = 123  # fixed like StyleGAN2's, so the starting point does not depend on `seed`
 LPIPS_MAX_SIZE = 256  # VGG was trained on 224-pixel images; StyleGAN2 area-downsamples to 256
@@ -162,9 +157,28 @@ def load_target(source, resolution: int) -> Tensor:
     try:
         img = decode_image(path.read_bytes())
     except Exception as exc:  # Pillow raises many types for foreign, truncated or corrupt files
-        raise DataError(f"{path} is not a readable image ({type(exc).__name__}: {_first_line(exc)}); "
+        raise DataError(f"{path} is not a readable image ({type(exc).__name__}: {first_line(exc)}); "
                         "use a PNG, JPEG or another format Pillow reads") from None
     return pil_to_tensor(square_resize(img, resolution))
+
+
+def target_files(path: str | os.PathLike) -> list[Path]:
+    """The image files a target path names: a file as it is (checked when loaded), or the image
+    files of a folder (searched recursively, sorted; hidden files and other extensions left out).
+
+    Args:
+        path: an image file or a folder of images.
+    """
+    from stylenat.data.images import is_image_name
+    from stylenat.data.sources import FileSource
+
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    files = [path / name for name in FileSource(path).names if is_image_name(name)]
+    if not files:
+        raise DataError(f"no images found in {path}")
+    return files
 
 
 def _check_tensor_target(x: Tensor, resolution: int) -> Tensor:
@@ -174,11 +188,6 @@ def _check_tensor_target(x: Tensor, resolution: int) -> Tensor:
         raise DataError(f"a target tensor must be uint8 [3, {resolution}, {resolution}] for this model, got "
                         f"{x.dtype} {list(x.shape)}; pass the image file or a PIL image to have it cropped and resized")
     return x.cpu()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # ---- the projector ----------------------------------------------------------------------------
@@ -376,93 +385,45 @@ def _optimise(g: nn.Module, target_u8: Tensor, dist: nn.Module, prep: Callable, 
     return latent.detach(), losses, frames, frame_steps
 
 
-# ---- latent files -----------------------------------------------------------------------------
+# ---- results on disk --------------------------------------------------------------------------
 
 
-def model_identity(g: nn.Module) -> dict[str, str]:
-    """Metadata naming the model a latent belongs to: config hash, resolution, num_ws, style_dim."""
-    config = json.dumps(g.config.to_dict(), sort_keys=True)
-    return {
-        "model": sha256(config.encode()).hexdigest()[:16],
-        "resolution": str(g.resolution),
-        "num_ws": str(g.num_ws),
-        "style_dim": str(g.style_dim),
-    }
+def save_projection(result: ProjectionResult, folder: str | os.PathLike, g: nn.Module, video: str | None = None,
+                    fps: float = 30, info: dict | None = None) -> dict[str, Path]:
+    """Write a projection's files into ``folder`` (created if needed); returns {kind: path}.
 
-
-def save_latent(path: str | os.PathLike, latent: Tensor, g: nn.Module, space: str) -> Path:
-    """Write a latent file (layout in the module docstring) atomically; returns its path.
+    Files: ``latent.safetensors`` (:func:`save_latent`), ``projected.png``, ``side_by_side.png``
+    (target | projection, 2S x S), ``losses.json`` (distance, space, PSNR, per-step loss curves) and,
+    with ``video``, ``optimization.gif`` or ``.mp4``: the recorded frames beside the target.
 
     Args:
-        path: output ``.safetensors`` file.
-        latent: w [style_dim] for space "w", ws [num_ws, style_dim] for "w+".
+        result: what :func:`project` returned.
+        folder: output folder.
         g: the generator the latent belongs to.
-        space: "w" or "w+".
+        video: "gif" or "mp4" to write the recorded frames (project with record_every > 0), or None.
+        fps: video frames per second.
+        info: more fields for losses.json (e.g. the target's path, the seconds taken).
     """
-    from safetensors.torch import save_file
+    from stylenat.data.images import save_image_grid
+    from stylenat.sampling import check_video_path, save_video
 
-    want = {"w": (g.style_dim,), "w+": (g.num_ws, g.style_dim)}
-    if space not in want:
-        raise ConfigError(f"space must be 'w' or 'w+', got {space!r}")
-    if tuple(latent.shape) != want[space]:
-        raise ConfigError(f"a {space} latent of this model has shape {list(want[space])}, got {list(latent.shape)}")
-    meta = {"format": LATENT_FORMAT, "space": space, **model_identity(g)}
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file({"latent": latent.detach().float().cpu().contiguous()}, tmp, metadata=meta)
-    return path
-
-
-def read_tagged_file(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, metadata) of a ``.safetensors`` file whose metadata "format" is ``fmt``.
-
-    Args:
-        path: the file. fmt: the expected format tag. what: its kind in words, for messages.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path} does not exist (expected a stylenat {what} file)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path)) if meta.get("format") == fmt else {}
-    except Exception as exc:  # safetensors has its own error types for foreign, truncated or corrupt files
-        raise ModelFileError(f"{path} is not a stylenat {what} file ({_first_line(exc)})") from None
-    if meta.get("format") != fmt:
-        raise ModelFileError(f"{path} is not a stylenat {what} file (format {meta.get('format')!r}, expected {fmt!r})")
-    return tensors, meta
-
-
-def check_identity(path: Path, meta: dict[str, str], g: nn.Module, what: str) -> None:
-    """ModelFileError when the file's latent size or count differs from g's; a warning when only
-    the config hash differs (same latent shapes, so the file loads, but it was made for another model)."""
-    mine = model_identity(g)
-    for key in ("style_dim", "num_ws"):
-        if meta.get(key) != mine[key]:
-            raise ModelFileError(
-                f"{path} is a {what} for another model ({key} {meta.get(key)}, this model has {mine[key]}); "
-                "use it with the model it was made for")
-    if meta.get("model") != mine["model"]:
-        warnings.warn(f"{path} was made for another model configuration ({meta.get('model')}, this one is "
-                      f"{mine['model']}); its latent shapes fit, but the result may be meaningless", stacklevel=3)
-
-
-def load_latent(path: str | os.PathLike, g: nn.Module) -> Tensor:
-    """The latent of a file written by :func:`save_latent`, as ws [num_ws, style_dim] (w is broadcast).
-
-    Args:
-        path: a latent ``.safetensors`` file.
-        g: the generator it will be used with (checked against the file's metadata).
-    """
-    path = Path(path)
-    tensors, meta = read_tagged_file(path, LATENT_FORMAT, "latent")
-    check_identity(path, meta, g, "latent")
-    latent = tensors.get("latent")
-    want = {"w": (g.style_dim,), "w+": (g.num_ws, g.style_dim)}.get(meta.get("space"))
-    if latent is None or want is None or tuple(latent.shape) != want:
-        raise ModelFileError(f"{path} is a damaged latent file (space {meta.get('space')!r}, "
-                             f"tensor {None if latent is None else list(latent.shape)})")
-    return latent.float() if latent.ndim == 2 else latent.float()[None].repeat(g.num_ws, 1)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"latent": folder / "latent.safetensors", "projected": folder / "projected.png",
+             "side_by_side": folder / "side_by_side.png", "losses": folder / "losses.json"}
+    if video is not None:
+        files["video"] = check_video_path(folder / f"optimization.{video}")
+        if result.frames is None:
+            raise ConfigError("no frames were recorded for the video; project with record_every > 0")
+    save_latent(files["latent"], result.latent, g, result.space)
+    save_image_grid(result.image[None], files["projected"], (1, 1))
+    save_image_grid(torch.stack([result.target, result.image]), files["side_by_side"], (1, 2))
+    report = {"distance": result.distance, "space": result.space, "steps": len(result.losses["total"]),
+              "psnr_db": None if math.isinf(result.psnr) else result.psnr,  # JSON has no infinity
+              **(info or {}), "losses": {name: curve.tolist() for name, curve in result.losses.items()}}
+    with atomic_path(files["losses"]) as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=1) + "\n")
+    if video is not None:
+        beside = torch.cat([result.target.expand_as(result.frames), result.frames], dim=-1)  # [F, 3, S, 2S]
+        save_video(beside, files["video"], fps=fps)
+    return files

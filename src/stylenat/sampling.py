@@ -1,5 +1,9 @@
 """Seeds -> images: generation with truncation, style mixing, latent interpolation videos.
 
+Style mixing and interpolation also take latents instead of seeds (e.g. found by
+:func:`stylenat.projection.project`): ws [N, num_ws, style_dim] or w [N, style_dim], used as they
+are (truncation applies to seeds only). Latents are mixed and interpolated per ws index.
+
 Every function takes a stylenat generator ``g`` and returns uint8 pixels ``[N, 3, S, S]`` on the
 CPU. A seed always gives the same latent (:func:`stylenat.models.seeds_to_z`), so a
 seed gives the same image here, in FID runs and in the CLI, whatever batch it is drawn in.
@@ -25,10 +29,12 @@ from stylenat.errors import ConfigError
 from stylenat.models import seeds_to_z
 
 __all__ = [
+    "class_index",
     "generate",
     "style_mix",
     "interpolate",
     "seeds_to_w",
+    "as_ws",
     "check_video_path",
     "save_video",
 ]
@@ -64,49 +70,110 @@ def _synthesize(g: nn.Module, ws: Tensor, batch: int) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, 3, g.resolution, g.resolution, dtype=torch.uint8)
 
 
-def seeds_to_w(g: nn.Module, seeds: Sequence[int], truncation_psi: float = 1.0) -> Tensor:
-    """w [len(seeds), style_dim] of the seeds, truncated toward ``g.w_avg`` by ``truncation_psi``."""
+def class_index(g: nn.Module, value: int | str) -> int:
+    """The class index ``value`` names for a conditional generator: an index, or a class name."""
+    classes = g.config.classes
+    if not classes:
+        raise ConfigError("this model is unconditional: it has no classes")
+    if isinstance(value, int) or str(value).strip().lstrip("-").isdigit() and str(value) not in classes:
+        index = int(value)
+        if not 0 <= index < len(classes):
+            raise ConfigError(f"class {index} does not exist: this model has classes 0-{len(classes) - 1}")
+        return index
+    if value not in classes:
+        shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+        raise ConfigError(f"unknown class {value!r}; this model's classes are: {shown}")
+    return classes.index(value)
+
+
+def _labels(g: nn.Module, labels: int | Sequence[int] | None, n: int) -> Tensor | None:
+    """Class indices [n] for a conditional generator (one class for all, or one per image)."""
+    if not g.config.num_classes:
+        if labels is not None:
+            raise ConfigError("this model is unconditional: it takes no class")
+        return None
+    if labels is None:
+        raise ConfigError(f"this model is class-conditional ({g.config.num_classes} classes): choose a class "
+                          "(--class N or NAME; Python: labels=...)")
+    c = torch.tensor([class_index(g, labels)] * n if isinstance(labels, (int, str)) else
+                     [class_index(g, v) for v in labels], dtype=torch.long)
+    if len(c) != n:
+        raise ConfigError(f"{len(c)} labels for {n} images")
+    return c.to(_device_of(g))
+
+
+def seeds_to_w(g: nn.Module, seeds: Sequence[int], truncation_psi: float = 1.0,
+               labels: int | Sequence[int] | None = None) -> Tensor:
+    """w [len(seeds), style_dim] of the seeds, truncated toward the mean w by ``truncation_psi`` (for
+    a conditional model: toward the mean w of each image's class; ``labels``: one class or one per seed)."""
     with _eval_mode(g):
-        return g.mapping(seeds_to_z(seeds, g.style_dim, _device_of(g)), truncation_psi=truncation_psi)
+        return g.mapping(seeds_to_z(seeds, g.style_dim, _device_of(g)), truncation_psi=truncation_psi,
+                         c=_labels(g, labels, len(seeds)))
 
 
-def generate(g: nn.Module, seeds: Sequence[int], truncation_psi: float = 1.0, batch: int = 16) -> Tensor:
+def as_ws(g: nn.Module, sources: Sequence[int] | Tensor, truncation_psi: float = 1.0,
+          labels: int | Sequence[int] | None = None) -> Tensor:
+    """Latents ws [N, num_ws, style_dim] on g's device, from seeds or from latents.
+
+    Args:
+        g: a stylenat generator.
+        sources: seeds (mapped, then truncated by ``truncation_psi``), or latents ws
+            [N, num_ws, style_dim] or w [N, style_dim] (used as they are).
+        truncation_psi: truncation of seeds toward the mean w.
+        labels: the class of seeds for a conditional model (see :func:`seeds_to_w`).
+    """
+    if not isinstance(sources, Tensor):
+        return seeds_to_w(g, sources, truncation_psi, labels)[:, None].expand(-1, g.num_ws, -1)
+    ws = sources.to(_device_of(g), torch.float32)
+    ws = ws[:, None].expand(-1, g.num_ws, -1) if ws.ndim == 2 else ws
+    if ws.shape[1:] != (g.num_ws, g.style_dim):
+        raise ConfigError(f"latents must be ws [N, {g.num_ws}, {g.style_dim}] or w [N, {g.style_dim}] for this "
+                          f"model, got {list(sources.shape)}")
+    return ws
+
+
+def generate(g: nn.Module, seeds: Sequence[int], truncation_psi: float = 1.0, batch: int = 16,
+             labels: int | str | Sequence[int | str] | None = None) -> Tensor:
     """One image per seed: uint8 [len(seeds), 3, S, S].
 
     Args:
         g: a stylenat generator, on the device it should run on.
         seeds: integer seeds; the same seed gives the same image whatever the batch.
-        truncation_psi: 1 = no truncation, 0 = every seed gives the mean image (w_avg).
-        batch: images per synthesis pass (memory only; the result does not depend on it).
+        truncation_psi: 1 = no truncation, 0 = every seed gives the mean image (w_avg, or its class's).
+        batch: images per synthesis pass (memory only).
+        labels: for a class-conditional model: one class (index or name) for every seed, or one per seed.
     """
-    return _synthesize(g, seeds_to_w(g, seeds, truncation_psi), batch)
+    return _synthesize(g, seeds_to_w(g, seeds, truncation_psi, labels), batch)
 
 
-def style_mix(g: nn.Module, row_seeds: Sequence[int], col_seeds: Sequence[int], layers: Sequence[int],
-              truncation_psi: float = 1.0, batch: int = 16) -> Tensor:
+def style_mix(g: nn.Module, row_seeds: Sequence[int] | Tensor, col_seeds: Sequence[int] | Tensor,
+              layers: Sequence[int], truncation_psi: float = 1.0, batch: int = 16,
+              labels: int | str | None = None) -> Tensor:
     """Style-mixing grid: uint8 [R + 1, C + 1, 3, S, S] (convention in the module docstring).
 
     Row 0 holds the column seeds' own images, column 0 the row seeds' own images, the corner is
     black; cell (1 + r, 1 + c) mixes row seed r with column seed c.
 
     Args:
-        g: a stylenat generator. row_seeds, col_seeds: the sources.
-        layers: ws indices (0 .. g.num_ws - 1) taken from the column seed.
-        truncation_psi: truncation of every source. batch: images per synthesis pass.
+        g: a stylenat generator.
+        row_seeds, col_seeds: the sources: seeds or latents (see :func:`as_ws`).
+        layers: ws indices (0 .. g.num_ws - 1) taken from the column source.
+        truncation_psi: truncation of seeds. batch: images per synthesis pass.
+        labels: the class of the seeds, for a conditional model.
     """
     bad = [i for i in layers if not 0 <= i < g.num_ws]
     if bad or not layers:
         raise ConfigError(f"layers must be ws indices in 0-{g.num_ws - 1} for this model, got {list(layers)}")
-    w_rows = seeds_to_w(g, row_seeds, truncation_psi)
-    w_cols = seeds_to_w(g, col_seeds, truncation_psi)
-    ws = w_rows[:, None, None, :].repeat(1, len(col_seeds), g.num_ws, 1)  # [R, C, num_ws, D]
+    ws_rows, ws_cols = as_ws(g, row_seeds, truncation_psi, labels), as_ws(g, col_seeds, truncation_psi, labels)
+    rows, cols = len(ws_rows), len(ws_cols)
+    ws = ws_rows[:, None].repeat(1, cols, 1, 1)  # [R, C, num_ws, D]
     idx = torch.tensor(sorted(set(layers)), device=ws.device)
-    ws[:, :, idx] = w_cols[None, :, None, :].expand(len(row_seeds), -1, len(idx), -1)
+    ws[:, :, idx] = ws_cols[None, :, idx]
     size = g.resolution
-    grid = torch.zeros(len(row_seeds) + 1, len(col_seeds) + 1, 3, size, size, dtype=torch.uint8)
-    grid[0, 1:] = _synthesize(g, w_cols, batch)
-    grid[1:, 0] = _synthesize(g, w_rows, batch)
-    grid[1:, 1:] = _synthesize(g, ws.flatten(0, 1), batch).view(len(row_seeds), len(col_seeds), 3, size, size)
+    grid = torch.zeros(rows + 1, cols + 1, 3, size, size, dtype=torch.uint8)
+    grid[0, 1:] = _synthesize(g, ws_cols, batch)
+    grid[1:, 0] = _synthesize(g, ws_rows, batch)
+    grid[1:, 1:] = _synthesize(g, ws.flatten(0, 1), batch).view(rows, cols, 3, size, size)
     return grid
 
 
@@ -122,31 +189,41 @@ def _slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
     return u * torch.lerp(na, nb, t)[:, None]
 
 
-def interpolate(g: nn.Module, seeds: Sequence[int], frames_per_seed: int, loop: bool = True, space: str = "w",
-                truncation_psi: float = 1.0, batch: int = 16) -> Tensor:
+def _lerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """Linear interpolation of latents a, b (any equal shape) at fractions t [F] -> [F, *a.shape]."""
+    return torch.lerp(a[None], b[None], t.view(-1, *[1] * a.ndim))
+
+
+def interpolate(g: nn.Module, seeds: Sequence[int] | Tensor, frames_per_seed: int, loop: bool = True,
+                space: str = "w", truncation_psi: float = 1.0, batch: int = 16, labels: int | str | None = None) -> Tensor:
     """Frames of a walk through the seeds' latents: uint8 [F, 3, S, S].
 
     Args:
-        g: a stylenat generator. seeds: key frames, visited in order (at least 2).
+        g: a stylenat generator.
+        seeds: key frames, visited in order (at least 2): seeds, or latents (see :func:`as_ws`;
+            space "w" only), interpolated per ws index.
         frames_per_seed: frames from one key frame to the next (the key frame included).
         loop: also go from the last seed back to the first (F = len(seeds) * frames_per_seed);
             otherwise end on the last seed (F = (len(seeds) - 1) * frames_per_seed + 1).
         space: "w": linear steps between the mapped w; "z": spherical steps between the z, each
             frame mapped on its own.
         truncation_psi: applied to every frame. batch: images per synthesis pass.
+        labels: the class of the seeds, for a conditional model.
     """
     if len(seeds) < 2 or frames_per_seed < 1:
         raise ConfigError("an interpolation needs at least 2 seeds and 1 frame per seed")
     if space not in ("w", "z"):
         raise ConfigError(f"space must be 'w' or 'z', got {space!r}")
-    keys = seeds_to_z(seeds, g.style_dim, _device_of(g)) if space == "z" else seeds_to_w(g, seeds, truncation_psi)
+    if space == "z" and isinstance(seeds, Tensor):
+        raise ConfigError("latents are points in w, not z; interpolate them with space 'w'")
+    keys = seeds_to_z(seeds, g.style_dim, _device_of(g)) if space == "z" else as_ws(g, seeds, truncation_psi, labels)
     pairs = list(zip(keys[:-1], keys[1:])) + ([(keys[-1], keys[0])] if loop else [])
     t = torch.arange(frames_per_seed, device=keys.device, dtype=keys.dtype) / frames_per_seed
-    step = _slerp if space == "z" else (lambda a, b, t: torch.lerp(a[None], b[None], t[:, None]))
+    step = _slerp if space == "z" else _lerp
     path = torch.cat([step(a, b, t) for a, b in pairs] + ([] if loop else [keys[-1:]]))
     if space == "z":
         with _eval_mode(g):
-            path = g.mapping(path, truncation_psi=truncation_psi)
+            path = g.mapping(path, truncation_psi=truncation_psi, c=_labels(g, labels, len(path)))
     return _synthesize(g, path, batch)
 
 

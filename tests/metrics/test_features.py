@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stylenat.metrics.features import FeatureStats, dataset_features, seeded_features
-from stylenat.metrics.fid import compare
+from stylenat.metrics.registry import compare
 from stylenat.models import seeds_to_z
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import stylenat.metrics.fid as fid_module
+import stylenat.metrics.registry as registry_module
 from stylenat.cli import main
 from stylenat.metrics.distances import frechet_distance
 from stylenat.metrics.features import generator_features
@@ -16,7 +16,7 @@ from stylenat.models import seeds_to_z
 @pytest.fixture
 def stand_in_inception(monkeypatch, extractor):
     """Make evaluate() use the call-counting stand-in instead of the real weights."""
-    monkeypatch.setattr(fid_module, "load_inception", lambda *a, **k: extractor)
+    monkeypatch.setattr(registry_module, "load_inception", lambda *a, **k: extractor)
     return extractor
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from stylenat.errors import MissingFileError, ModelFileError
 from stylenat.metrics import lpips as lp
-from stylenat.metrics.inception import file_sha256
+from stylenat._system import file_sha256
 from stylenat.models import build_generator, uint8_to_model
 
 # torchvision's vgg16 state dict (vgg16-397923af.pth): conv index in `features` -> (out, in) channels.
@@ -157,6 +157,10 @@ def test_files_are_found_in_env_cache_and_torch_hub(tmp_path, monkeypatch, weigh
     monkeypatch.setenv("STYLENAT_LPIPS", str(tmp_path / "missing.pth"))
     with pytest.raises(MissingFileError, match=r"\$STYLENAT_LPIPS"):
         lp.find_lpips_weights()
+    monkeypatch.delenv("STYLENAT_LPIPS_VGG")  # a named but missing file is an error, not "unavailable"
+    with pytest.raises(MissingFileError, match=r"missing.pth \(from \$STYLENAT_LPIPS\)"):
+        lp.lpips_available()
+    monkeypatch.setenv("STYLENAT_LPIPS_VGG", str(vgg))
     monkeypatch.delenv("STYLENAT_LPIPS")
     monkeypatch.delenv("STYLENAT_LPIPS_VGG")
     hub = tmp_path / "torch_home" / "hub" / "checkpoints" / lp.VGG_NAME

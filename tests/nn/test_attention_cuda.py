@@ -64,3 +64,13 @@ def test_ffhq_layer_shape_cuda():
     want = na2d(q.double(), k.double(), v.double(), 7, 8, rpb=rpb.double(), backend="tiled")
     got = na2d(q.cuda(), k.cuda(), v.cuda(), 7, 8, rpb=rpb.cuda())
     assert rel(got.cpu(), want) < 1e-4
+
+
+def test_deterministic_mode_picks_the_tiled_backend():
+    q = torch.randn(1, 2, 32, 32, 32, device="cuda")
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert choose_backend(q) == "tiled"
+    finally:
+        torch.use_deterministic_algorithms(before)

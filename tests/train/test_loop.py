@@ -133,3 +133,11 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 def test_refuses_to_overwrite_a_run(reference_run):
     proc = _cli(*MICRO, "--steps", "3", "--run-dir", str(reference_run), check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_deterministic_option_changes_nothing_on_cpu(reference_run, tmp_path):
+    # CPU kernels are deterministic already: the option must not change a single bit there
+    # (on CUDA it also switches attention to the tiled backend; see docs/robustness.md).
+    _cli(*REFERENCE, "--deterministic", "--run-dir", str(tmp_path / "run"))
+    _assert_bitwise_equal(_final_state(tmp_path / "run"), _final_state(reference_run))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["deterministic"] is True

@@ -3,11 +3,15 @@
 With xflip the dataset has 2n items and item i >= n is the mirror image of item i - n. Flips are
 decided by the index alone (not by a random draw inside the dataset), so a training loop that seeds
 its own sampler gets exactly the same batches again when it resumes.
+
+A labelled dataset (a prepared one with labels, or a raw one with StyleGAN's dataset.json; see
+stylenat.data.labels) yields (image, class index) pairs, unless opened with ``labels=False``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -16,7 +20,8 @@ import torch
 from PIL import Image
 
 from stylenat.data.demo import DEMO_SIZE, DEMO_VERSION, draw_face
-from stylenat.data.images import decode_image, pil_to_tensor, square_resize
+from stylenat.data.images import decode_image, is_image_name, pil_to_tensor, square_resize
+from stylenat.data.labels import STYLEGAN_JSON, read_labels
 from stylenat.data.prepare import DATASET_FORMAT, DATASET_JSON, output_name
 from stylenat.data.sources import FileSource
 from stylenat.errors import ConfigError, DataError
@@ -26,22 +31,38 @@ class ImageDataset(torch.utils.data.Dataset):
     """Base class: `num_images` images of side `resolution`, doubled by mirrored copies if `xflip`.
 
     Subclasses implement `_load(i)` (image i < num_images as uint8 [3, S, S]) and `_content_key()`
-    (a JSON-able value that changes whenever the images could).
+    (a JSON-able value that changes whenever the images could). ``labels`` (class index per image)
+    and ``class_names`` make a labelled dataset; items are then (image, label) pairs unless
+    ``with_labels`` is set to False.
     """
 
-    def __init__(self, num_images: int, resolution: int, xflip: bool):
+    def __init__(self, num_images: int, resolution: int, xflip: bool, labels: list[int] | None = None,
+                 class_names: list[str] | None = None):
         self.num_images = num_images
         self.resolution = resolution
         self.xflip = xflip
+        self.labels = None if labels is None else torch.tensor(labels, dtype=torch.long)
+        self.class_names = list(class_names or [])
+        self.with_labels = labels is not None
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a labelled dataset; 0 when it has no labels."""
+        return len(self.class_names) if self.labels is not None else 0
 
     def __len__(self) -> int:
         return self.num_images * (2 if self.xflip else 1)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def label(self, index: int) -> int:
+        """The class index of item ``index`` (a mirrored copy has its original's)."""
+        return int(self.labels[index % self.num_images])
+
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
         image = self._load(index % self.num_images)
-        return image.flip(-1) if index >= self.num_images else image
+        image = image.flip(-1) if index >= self.num_images else image
+        return (image, self.label(index)) if self.with_labels else image
 
     def fingerprint(self) -> str:
         """A short hex string that is equal for datasets yielding the same images (for cache keys)."""
@@ -66,7 +87,7 @@ class PreparedDataset(ImageDataset):
         if meta["size"] != resolution:
             raise DataError(f"{source.path} holds {meta['size']}x{meta['size']} images but resolution "
                              f"{resolution} was asked for; prepare it again with --size {resolution}")
-        super().__init__(meta["count"], resolution, xflip)
+        super().__init__(meta["count"], resolution, xflip, meta.get("labels"), meta.get("classes"))
         self.source, self.meta = source, meta
 
     def _load(self, i: int) -> torch.Tensor:
@@ -76,43 +97,39 @@ class PreparedDataset(ImageDataset):
         return [self.meta["content_sha1"], self.meta["count"]]
 
 
-def _image_extensions() -> set[str]:
-    Image.init()  # registers every format plugin, so the extension table is complete
-    return set(Image.registered_extensions())
-
-
 class RawDataset(ImageDataset):
     """Image files of a plain folder or zip, centre-cropped and Lanczos-resized as they are read.
 
     source: the files (those without an image extension are ignored, with one warning listing
-    them); resolution: output side; xflip: add mirrored copies. A file that fails to decode is
-    warned about once and replaced by the next good image, so an epoch never stops half-way.
+    them; StyleGAN's dataset.json in the root labels them); resolution: output side; xflip: add
+    mirrored copies. A file that fails to decode is warned about once and replaced by the next
+    good image (of the same class), so an epoch never stops half-way.
     """
 
     def __init__(self, source: FileSource, resolution: int, xflip: bool = False):
-        exts = _image_extensions()
-        is_image = {n: os.path.splitext(n)[1].lower() in exts for n in source.names}
-        self.files = [n for n in source.names if is_image[n]]
-        ignored = [n for n in source.names if not is_image[n]]
+        self.files = [n for n in source.names if is_image_name(n)]
+        ignored = [n for n in source.names if not is_image_name(n) and n != STYLEGAN_JSON]
         if not self.files:
             raise DataError(f"no images found in {source.path}")
         if ignored:
             shown = ", ".join(ignored[:10]) + (f", ... ({len(ignored)} in all)" if len(ignored) > 10 else "")
             warnings.warn(f"{source.path}: ignoring files that are not images: {shown}", stacklevel=3)
-        super().__init__(len(self.files), resolution, xflip)
+        found = read_labels(source, self.files)
+        super().__init__(len(self.files), resolution, xflip, found and found.labels, found and found.classes)
         self.source = source
         self._bad: set[int] = set()  # per process: files known not to decode
 
     def _load(self, i: int) -> torch.Tensor:
         for j in ((i + k) % self.num_images for k in range(self.num_images)):
-            if j in self._bad:
+            if j in self._bad or (self.labels is not None and self.labels[j] != self.labels[i]):
                 continue
             try:
                 return pil_to_tensor(square_resize(decode_image(self.source.read(self.files[j])), self.resolution))
             except Exception as exc:  # any undecodable file is skipped, not fatal mid-epoch
                 self._bad.add(j)
                 warnings.warn(f"{self.source.path}: skipping unreadable image {self.files[j]} ({exc})", stacklevel=2)
-        raise DataError(f"none of the {self.num_images} images in {self.source.path} can be decoded")
+        raise DataError(f"none of the {self.num_images} images in {self.source.path} can be decoded"
+                        + (f" (of class {self.class_names[self.labels[i]]})" if self.labels is not None else ""))
 
     def _content_key(self):
         return [[n, self.source.sizes[n]] for n in self.files]
@@ -136,21 +153,70 @@ class DemoDataset(ImageDataset):
         return [DEMO_VERSION, self.seed, self.num_images]
 
 
-def open_dataset(path_or_demo: str | os.PathLike, resolution: int, *, xflip: bool = False) -> ImageDataset:
+def open_dataset(path_or_demo: str | os.PathLike, resolution: int, *, xflip: bool = False,
+                 labels: bool = True) -> ImageDataset:
     """Open training images as a torch Dataset of uint8 tensors [3, resolution, resolution].
 
     path_or_demo: "demo" for the built-in faces (write "./demo" for a folder of that name), a
     folder or zip made by `stylenat prepare`, or any folder/zip of images (cropped and resized on
-    the fly); resolution: image side in pixels; xflip: append mirrored copies (len doubles).
+    the fly); resolution: image side in pixels; xflip: append mirrored copies (len doubles);
+    labels: yield (image, class index) pairs when the data is labelled (False: images only).
     """
     if not isinstance(resolution, int) or resolution < 1:
         raise ConfigError(f"resolution must be a positive integer, got {resolution!r}")
     if str(path_or_demo) == "demo":
-        return DemoDataset(resolution, xflip)
+        dataset = DemoDataset(resolution, xflip)
+    else:
+        source = FileSource(path_or_demo)
+        meta = json.loads(source.read(DATASET_JSON)) if DATASET_JSON in source.names else None
+        if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
+            dataset = PreparedDataset(source, meta, resolution, xflip)
+        else:
+            dataset = RawDataset(source, resolution, xflip)
+    dataset.with_labels = labels and dataset.labels is not None
+    return dataset
+
+
+
+def native_resolution(path_or_demo: str | os.PathLike, sample: int = 64) -> tuple[int | None, bool]:
+    """The edge of the images a dataset holds, and whether that size is binding.
+
+    Returns (size, binding): a prepared dataset gives (its size, True); raw images that are all
+    square of one size (judged on up to ``sample`` files spread over the set, from their headers)
+    give (that size, True when it is a power of two); the demo, raw images of mixed or non-square
+    sizes give (None, False): they are cropped and resized to whatever the model needs.
+    """
+    if str(path_or_demo) == "demo":
+        return None, False
     source = FileSource(path_or_demo)
     if DATASET_JSON in source.names:
         meta = json.loads(source.read(DATASET_JSON))
         if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
-            return PreparedDataset(source, meta, resolution, xflip)
-    return RawDataset(source, resolution, xflip)
+            return int(meta["size"]), True
+    files = [n for n in source.names if is_image_name(n)]
+    sizes = set()
+    for name in files[:: max(1, len(files) // sample)][:sample]:
+        try:
+            with Image.open(io.BytesIO(source.read(name))) as img:
+                sizes.add(img.size)
+        except Exception:  # an unreadable file says nothing about the others' size
+            continue
+    if len(sizes) != 1:
+        return None, False
+    (w, h), = sizes
+    if w != h:
+        return None, False
+    return w, w >= 1 and w & (w - 1) == 0
 
+
+def dataset_classes(path_or_demo: str | os.PathLike) -> list[str]:
+    """The class names of a labelled dataset (prepared with labels, or raw with StyleGAN's
+    dataset.json); empty for unlabelled data and the demo."""
+    if str(path_or_demo) == "demo":
+        return []
+    source = FileSource(path_or_demo)
+    meta = json.loads(source.read(DATASET_JSON)) if DATASET_JSON in source.names else None
+    if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
+        return list(meta.get("classes") or []) if meta.get("labels") is not None else []
+    found = read_labels(source, [n for n in source.names if is_image_name(n)])
+    return found.classes if found is not None else []

@@ -12,8 +12,10 @@ Conversion rules (documented in the README):
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,18 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
     else:
         scale = 1.0
     return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8))
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """File extensions (".png", ".jpg", ...) of every image format Pillow reads here, lower case."""
+    Image.init()  # registers every format plugin, so the extension table is complete
+    return frozenset(Image.registered_extensions())
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has the extension of an image format Pillow reads."""
+    return os.path.splitext(name)[1].lower() in image_extensions()
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

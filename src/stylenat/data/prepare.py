@@ -24,7 +24,8 @@ from pathlib import Path
 
 from PIL import UnidentifiedImageError
 
-from stylenat.data.images import check_resize_options, decode_image, square_resize
+from stylenat.data.images import check_resize_options, decode_image, is_image_name, square_resize
+from stylenat.data.labels import Labels, read_labels
 from stylenat.data.sources import FileSource
 from stylenat.errors import ConfigError, DataError
 
@@ -45,6 +46,7 @@ class PrepareReport:
     size: int
     count: int
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative source name, reason)
+    classes: list[str] = field(default_factory=list)  # class names of a labelled dataset
 
     @property
     def report_path(self) -> str:
@@ -52,7 +54,8 @@ class PrepareReport:
         return f"{self.dst}:{DATASET_JSON}" if _is_zip_path(self.dst) else str(self.dst / DATASET_JSON)
 
     def summary(self) -> str:
-        return f"{self.count} written, {len(self.skipped)} skipped; report: {self.report_path}"
+        labelled = f" in {len(self.classes)} classes" if self.classes else ""
+        return f"{self.count} written{labelled}, {len(self.skipped)} skipped; report: {self.report_path}"
 
 
 def _is_zip_path(path: Path) -> bool:
@@ -144,35 +147,57 @@ def _ordered_map(workers: int):
         pool.shutdown(cancel_futures=True)
 
 
+def _source_labels(source: FileSource, images: list[str], spec) -> Labels | None:
+    """Labels of the source's image files; a dataset made by this tool keeps its own."""
+    if spec is None and DATASET_JSON in source.names:
+        meta = json.loads(source.read(DATASET_JSON))
+        if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
+            if meta.get("labels") is None:
+                return None
+            by_name = {output_name(i): label for i, label in enumerate(meta["labels"])}
+            return Labels([by_name[n] for n in images], list(meta["classes"]))
+    return read_labels(source, images, spec)
+
+
 def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size: int, filter: str = "lanczos",
-                    crop: str = "center", *, workers: int = 1, progress: bool = True) -> PrepareReport:
+                    crop: str = "center", *, labels: str | os.PathLike | None = None, workers: int = 1,
+                    progress: bool = True) -> PrepareReport:
     """Convert every image under `src` into a `size` x `size` RGB PNG dataset at `dst`.
 
     src: folder (searched recursively) or zip of images in any format Pillow reads;
     dst: output folder, or a zip file when it ends in ".zip"; must not exist yet;
     size: output side in pixels; filter: resampling filter, "lanczos", "box" or "bicubic";
     crop: "center" (largest centred square) or "none" (non-square images are skipped);
+    labels: class labels (see stylenat.data.labels): None reads StyleGAN's dataset.json in `src` when
+    there is one, "folders" takes one class per first-level folder, "none" ignores labels, anything
+    else is a CSV file with the columns path,label; the output stores them with the class names;
     workers: processes decoding in parallel (1 = in this process); progress: print progress to stderr.
     Files that are not images or fail to decode are skipped and listed in the report.
     """
     check_resize_options(size, filter, crop)
     source = FileSource(src)
-    if not source.names:
+    label_file = Path(labels).resolve() if labels not in (None, "folders", "none") else None
+    names = [n for n in source.names if n != DATASET_JSON and
+             not (label_file is not None and not source.is_zip and (source.path / n).resolve() == label_file)]
+    if not names:
         raise DataError(f"no files found in {source.path}")
     dst = Path(dst)
     if dst.exists():
         raise ConfigError(f"{dst} already exists; remove it or choose another destination")
+    images = [n for n in names if is_image_name(n)]
+    found = _source_labels(source, images, labels)  # label errors come before any work
+    label_of = dict(zip(images, found.labels)) if found is not None else {}
     dst.parent.mkdir(parents=True, exist_ok=True)
 
     convert = functools.partial(_convert, source, size, filter, crop)
     report = PrepareReport(dst=dst, size=size, count=0)
     sources, digest = [], hashlib.sha1()
-    ticker = _Progress(len(source.names), progress)
+    ticker = _Progress(len(names), progress)
     writer = _Writer(dst)
     try:
         with _ordered_map(workers) as pmap:
-            results = pmap(convert, source.names)
-            for done, (name, (png, reason)) in enumerate(zip(source.names, results), 1):
+            results = pmap(convert, names)
+            for done, (name, (png, reason)) in enumerate(zip(names, results), 1):
                 if png is None:
                     report.skipped.append((name, reason))
                 else:
@@ -189,6 +214,9 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size: int, f
             "content_sha1": digest.hexdigest(), "sources": sources,
             "skipped": [{"file": n, "reason": r} for n, r in report.skipped],
         }
+        if found is not None:
+            report.classes = meta["classes"] = found.classes
+            meta["labels"] = [label_of[n] for n in sources]
         writer.write(DATASET_JSON, json.dumps(meta, indent=1).encode())
         writer.commit()
     except BaseException:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,14 +85,16 @@ class Progress:
         self._tty = sys.stderr.isatty()
         self._next_decile = 1
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, note: str = "") -> None:
+        """Show ``done`` of the total, then ``note`` (e.g. ", loss 0.12, 3 s")."""
         if not self.enabled:
             return
-        if self._tty:
-            sys.stderr.write(f"\r{self.label}: {done}/{self.total}" + ("\n" if done >= self.total else ""))
+        line = f"{self.label}: {done}/{self.total}{note}"
+        if self._tty:  # "\033[K" clears what a longer previous line left behind
+            sys.stderr.write(f"\r{line}\033[K" + ("\n" if done >= self.total else ""))
         elif done * 10 >= self._next_decile * self.total:
             self._next_decile = done * 10 // self.total + 1
-            sys.stderr.write(f"{self.label}: {done}/{self.total}\n")
+            sys.stderr.write(f"{line}\n")
         sys.stderr.flush()
 
 
@@ -113,7 +115,7 @@ def extract(batches: Iterable[torch.Tensor], extractor: Extractor, total: int, k
 
 def dataset_features(path: str | os.PathLike, extractor: Extractor, resolution: int, num: int | None = None,
                      batch: int = 64, keep_features: bool = False, cache: bool = True,
-                     workers: int = 0, progress: bool = True) -> FeatureStats:
+                     workers: int = 0, progress: bool = True, indices: Sequence[int] | None = None) -> FeatureStats:
     """Statistics of the first `num` images (all when None) of a dataset, cached on disk.
 
     Args:
@@ -125,11 +127,15 @@ def dataset_features(path: str | os.PathLike, extractor: Extractor, resolution: 
             the key hashing the dataset's fingerprint, the resolution, the image count and the
             extractor's cache_key.
         workers: DataLoader processes decoding images. progress: show the tick.
+        indices: only these items of the dataset (e.g. one class), in this order.
     """
-    dataset = open_dataset(path, resolution)
-    count = len(dataset) if num is None else min(num, len(dataset))
+    dataset = open_dataset(path, resolution, labels=False)
+    chosen = list(range(len(dataset)) if indices is None else indices)
+    count = len(chosen) if num is None else min(num, len(chosen))
     key = json.dumps({"dataset": dataset.fingerprint(), "resolution": resolution, "num": count,
-                      "extractor": extractor.cache_key}, sort_keys=True)
+                      "extractor": extractor.cache_key,
+                      **({} if indices is None else {"indices": hashlib.sha256(str(chosen).encode()).hexdigest()})},
+                     sort_keys=True)
     cached = cache_dir() / "stats" / f"{Path(path).name}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
     if cache and cached.is_file():
         stats = FeatureStats.load(cached)
@@ -137,12 +143,17 @@ def dataset_features(path: str | os.PathLike, extractor: Extractor, resolution: 
             return stats
     # Its own generator: a DataLoader otherwise draws its worker seed from the global torch RNG,
     # which would make measuring during training change the run's saved random state.
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=batch,
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, chosen[:count]), batch_size=batch,
                                          num_workers=workers, generator=torch.Generator().manual_seed(0))
     stats = extract(loader, extractor, count, keep_features, f"features of {Path(path).name}", progress)
     if cache:
         stats.save(cached)
     return stats
+
+
+def _seed_batches(make_images: Callable[[Sequence[int]], torch.Tensor], num: int, batch: int,
+                  seed: int = 0) -> Iterator[torch.Tensor]:
+    return (make_images(range(start, min(start + batch, seed + num))) for start in range(seed, seed + num, batch))
 
 
 def seeded_features(make_images: Callable[[Sequence[int]], torch.Tensor], num: int, batch: int,
@@ -154,11 +165,43 @@ def seeded_features(make_images: Callable[[Sequence[int]], torch.Tensor], num: i
         make_images: seeds -> uint8 images [len(seeds), 3, H, W]. num: images. batch: seeds per call.
         extractor, keep_features, progress: as in `extract`.
     """
-    batches = (make_images(range(start, min(start + batch, seed + num))) for start in range(seed, seed + num, batch))
-    return extract(batches, extractor, num, keep_features, "features of generated images", progress)
+    return extract(_seed_batches(make_images, num, batch, seed), extractor, num, keep_features,
+                   "features of generated images", progress)
 
 
-@torch.no_grad()
+def generated_images(g: torch.nn.Module, num: int, batch: int = 32, seed: int = 0, truncation_psi: float = 1.0,
+                     label_pool: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """uint8 images [<= batch, 3, S, S] of generator ``g`` from seeds seed .. seed+num-1, batch by batch.
+
+    Args:
+        g: a stylenat generator; in eval mode while the images are made (train mode would update
+            its tracked w_avg), its mode restored afterwards. num: images. batch: images per forward.
+        seed: first seed. truncation_psi: 1.0 = none (as FID wants).
+        label_pool: for a conditional generator, the class indices the images' labels are drawn from
+            (e.g. the real data's labels, so the classes come in the data's proportions; default: every
+            class alike); the draw is seeded by ``seed``.
+    """
+    from stylenat.models import model_to_uint8, seeds_to_z
+
+    device = next(g.parameters()).device
+    was_training = g.training
+    g.eval()
+    labels = None
+    if g.config.num_classes:
+        pool = torch.arange(g.config.num_classes) if label_pool is None else label_pool.cpu()
+        labels = pool[torch.randint(len(pool), (num,), generator=torch.Generator().manual_seed(seed))]
+
+    @torch.no_grad()
+    def make_images(seeds: Sequence[int]) -> torch.Tensor:
+        c = None if labels is None else labels[seeds[0] - seed: seeds[-1] - seed + 1].to(device)
+        return model_to_uint8(g(seeds_to_z(seeds, g.style_dim, device), truncation_psi=truncation_psi, c=c), g.config)
+
+    try:
+        yield from _seed_batches(make_images, num, batch, seed)
+    finally:
+        g.train(was_training)
+
+
 def generator_features(g: torch.nn.Module, num: int, batch: int = 32, seed: int = 0, truncation_psi: float = 1.0,
                        extractor: Extractor | None = None, keep_features: bool = False,
                        progress: bool = True) -> FeatureStats:
@@ -170,17 +213,15 @@ def generator_features(g: torch.nn.Module, num: int, batch: int = 32, seed: int 
         num: images. batch: images per forward. seed: first seed. truncation_psi: 1.0 = none (FID).
         extractor: default: load_inception() on g's device. keep_features, progress: as in `extract`.
     """
-    from stylenat.models import model_to_uint8, seeds_to_z
+    extractor = extractor or load_inception(device=next(g.parameters()).device)
+    return extract(generated_images(g, num, batch, seed, truncation_psi), extractor, num, keep_features,
+                   "features of generated images", progress)
 
-    device = next(g.parameters()).device
-    extractor = extractor or load_inception(device=device)
-    was_training = g.training
-    g.eval()  # train mode would update g's tracked w_avg while it is being measured
 
-    def make_images(seeds: Sequence[int]) -> torch.Tensor:
-        return model_to_uint8(g(seeds_to_z(seeds, g.style_dim, device), truncation_psi=truncation_psi), g.config)
-
-    try:
-        return seeded_features(make_images, num, batch, extractor, seed, keep_features, progress)
-    finally:
-        g.train(was_training)
+def is_image_set(path: str | os.PathLike) -> bool:
+    """True for "demo", a .zip file, or a folder that is not a training run (no config.json or
+    checkpoints/); anything else is a model file (.pt files are zips too: not by content)."""
+    path = Path(path)
+    if path.is_dir():
+        return not (path / "config.json").exists() and not (path / "checkpoints").is_dir()
+    return str(path) == "demo" or path.suffix.lower() == ".zip"

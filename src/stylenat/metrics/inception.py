@@ -8,7 +8,6 @@ pytorch-fid publishes (a torchvision state dict) loads as it is.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stylenat._system import file_sha256
 from stylenat.errors import MissingFileError
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -256,15 +256,6 @@ def find_weights(path: str | os.PathLike | None = None) -> Path:
             f"STYLENAT_INCEPTION=PATH, or put it at {cache_dir() / WEIGHTS_NAME}."
         )
     return candidate
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from stylenat._system import file_sha256
 from stylenat.errors import MissingFileError, ModelFileError
-from stylenat.metrics.inception import cache_dir, file_sha256
+from stylenat.metrics.inception import cache_dir
 from stylenat.models.config import GeneratorConfig
 
 __all__ = [
@@ -191,12 +192,16 @@ def find_lpips_weights(path_vgg: str | os.PathLike | None = None,
 
 
 def lpips_available(path_vgg: str | os.PathLike | None = None, path_lin: str | os.PathLike | None = None) -> bool:
-    """Whether both weights files are found (their checksums are checked only by :func:`load_lpips`)."""
-    try:
-        find_lpips_weights(path_vgg, path_lin)
-    except MissingFileError:
-        return False
-    return True
+    """Whether both weights files are found (their checksums are checked only by :func:`load_lpips`).
+
+    A file named (argument or environment variable) but absent raises MissingFileError rather than
+    answering False: a mistyped path must not quietly switch the caller to its fallback.
+
+    Args:
+        path_vgg, path_lin: as in :func:`find_lpips_weights`.
+    """
+    vgg, lin = _find_vgg(path_vgg), _find_lin(path_lin)  # both looked up: either may raise
+    return vgg is not None and lin is not None
 
 
 def _read_state(path: Path, what: str, help_text: str) -> dict[str, Tensor]:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stylenat.models.config import PRESETS, DiscriminatorConfig, GeneratorConfig, get_preset
+from stylenat.models.config import FAMILIES, PRESETS, DiscriminatorConfig, GeneratorConfig, get_preset
 from stylenat.models.discriminator import Discriminator
-from stylenat.models.generator import Generator
+from stylenat.models.generator import Generator, seeds_to_z
 from stylenat.models.io import load_model, save_model
-from stylenat.models.loading import default_device, resolve_model
+from stylenat.models.loading import default_device, resolve_model, resolve_models
 
 __all__ = [
     "PRESETS",
+    "FAMILIES",
     "GeneratorConfig",
     "DiscriminatorConfig",
     "Generator",
@@ -25,6 +26,7 @@ __all__ = [
     "save_model",
     "load_model",
     "resolve_model",
+    "resolve_models",
     "default_device",
     "seeds_to_z",
 ]
@@ -57,8 +59,3 @@ def uint8_to_model(x: Tensor, cfg: GeneratorConfig) -> Tensor:
     mean, std = _mean_std(x, cfg)
     return (x.float() / 255 - mean) / std
 
-
-def seeds_to_z(seeds, dim: int, device: str | torch.device = "cpu") -> Tensor:
-    """Latents [len(seeds), dim], each drawn from N(0, I) by its own seeded CPU generator, so an
-    image depends on its seed only (not on the batch or the device it is drawn on)."""
-    return torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from stylenat._config import JsonConfig, param
 from stylenat.errors import ConfigError
 
-__all__ = ["GeneratorConfig", "DiscriminatorConfig", "PRESETS", "get_preset", "stage_resolutions"]
+__all__ = ["GeneratorConfig", "DiscriminatorConfig", "PRESETS", "FAMILIES", "FAMILY_RESOLUTIONS", "get_preset", "stage_resolutions"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +49,9 @@ class GeneratorConfig(JsonConfig):
         mlp_ratio: hidden width of each block's MLP over its channels.
         image_mean: per RGB channel, the mean of the model's output space (pixel = out*std + mean).
         image_std: per RGB channel, the std of the model's output space.
+        num_classes: classes of a class-conditional model (a label embedding joins z in the
+            mapping network); 0: unconditional, exactly the official architecture.
+        class_names: the classes' names, by index (empty: "0", "1", ...).
     """
 
     resolution: int
@@ -62,8 +65,12 @@ class GeneratorConfig(JsonConfig):
     mlp_ratio: float = param(4.0, gt=0)
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = param(IMAGENET_STD, gt=0)
+    num_classes: int = param(0, min=0)
+    class_names: tuple[str, ...] = ()
 
     def _check(self):
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ConfigError(f"GeneratorConfig.class_names has {len(self.class_names)} names for {self.num_classes} classes")
         res = stage_resolutions(self.resolution)
         for name in ("channels", "heads", "kernels", "dilations"):
             _check_len(self, name, len(res))
@@ -88,6 +95,11 @@ class GeneratorConfig(JsonConfig):
         """Latents the synthesis network reads: 2 per stage (one per block)."""
         return 2 * len(self.channels)
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The class names, by index ("0", "1", ... when none were stored); empty when unconditional."""
+        return self.class_names or tuple(str(i) for i in range(self.num_classes))
+
 
 
 @dataclass(frozen=True)
@@ -99,11 +111,14 @@ class DiscriminatorConfig(JsonConfig):
         channels: channels per resolution 4, 8, ..., resolution (the official table: the first
             from-RGB at resolution/2 uses channels[resolution]; the block ending at r uses channels[r]).
         stddev_group: minibatch-stddev group size (the batch must divide by min(batch, group)).
+        num_classes: classes of a class-conditional discriminator (a projection of a learned class
+            embedding onto its last features, Miyato & Koyama 2018); 0: unconditional.
     """
 
     resolution: int
     channels: tuple[int, ...] = param(min=1)
     stddev_group: int = param(4, min=1)
+    num_classes: int = param(0, min=0)
 
     def _check(self):
         _check_len(self, "channels", len(stage_resolutions(self.resolution)))
@@ -113,6 +128,11 @@ class DiscriminatorConfig(JsonConfig):
 
     def channels_at(self, res: int) -> int:
         return self.channels[int(math.log2(res)) - 2]
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks (from-RGB plus conv block, one per scale) before the 4x4 output block."""
+        return int(math.log2(self.resolution)) - 3
 
 
 # ---- presets ----------------------------------------------------------------------------------
@@ -134,7 +154,12 @@ def _official(resolution: int, min_heads: int, dilations_at) -> tuple[GeneratorC
         kernels=kernels,
         dilations=dils,
     )
-    return g, DiscriminatorConfig(resolution=resolution, channels=channels)
+    return g, official_discriminator(resolution)
+
+
+def official_discriminator(resolution: int) -> DiscriminatorConfig:
+    """The official discriminator at ``resolution`` (its channel table), e.g. for a model stored without one."""
+    return DiscriminatorConfig(resolution=resolution, channels=tuple(_OFFICIAL_CHANNELS[r] for r in stage_resolutions(resolution)))
 
 
 def _ffhq_dilations(r: int) -> tuple[int, int]:
@@ -161,16 +186,42 @@ def _tiny() -> tuple[GeneratorConfig, DiscriminatorConfig]:
     return g, DiscriminatorConfig(resolution=32, channels=(64, 64, 32, 16))
 
 
+# Families: the official architecture rule at any power-of-two resolution (16..1024).
+FAMILIES = {
+    "ffhq": lambda r: _official(r, 4, _ffhq_dilations),  # min 4 heads, groups with dilations 1 and r/8
+    "church": lambda r: _official(r, 8, _pyramid_dilations),  # min 8 heads, dilations 1, 2, 4, ..., r/8
+}
+FAMILY_RESOLUTIONS = tuple(2**i for i in range(4, 11))
+
 PRESETS = {
-    "ffhq256": lambda: _official(256, 4, _ffhq_dilations),
-    "ffhq1024": lambda: _official(1024, 4, _ffhq_dilations),
-    "church256": lambda: _official(256, 8, _pyramid_dilations),
+    "ffhq256": lambda: FAMILIES["ffhq"](256),
+    "ffhq1024": lambda: FAMILIES["ffhq"](1024),
+    "church256": lambda: FAMILIES["church"](256),
     "tiny": _tiny,
 }
 
 
-def get_preset(name: str) -> tuple[GeneratorConfig, DiscriminatorConfig]:
-    """(GeneratorConfig, DiscriminatorConfig) of a named preset."""
+def get_preset(name: str, resolution: int | None = None) -> tuple[GeneratorConfig, DiscriminatorConfig]:
+    """(GeneratorConfig, DiscriminatorConfig) of a named preset, or of a family at ``resolution``.
+
+    Args:
+        name: a preset of PRESETS (fixed resolution) or a family of FAMILIES ("ffhq", "church").
+        resolution: image edge for a family (16..1024, a power of two); for a named preset it may
+            only repeat the preset's own resolution.
+    """
+    if name in FAMILIES:
+        if resolution is None:
+            raise ConfigError(f"preset {name!r} is a family of models: give its resolution (--resolution R, "
+                              f"one of {', '.join(map(str, FAMILY_RESOLUTIONS))}), or train on data of one size")
+        if resolution not in FAMILY_RESOLUTIONS:
+            raise ConfigError(f"preset {name!r} exists at resolutions {', '.join(map(str, FAMILY_RESOLUTIONS))}, "
+                              f"not {resolution!r}")
+        return FAMILIES[name](resolution)
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS) + sorted(FAMILIES))}")
+    g, d = PRESETS[name]()
+    if resolution is not None and resolution != g.resolution:
+        family = next((f for f in FAMILIES if name.startswith(f)), "ffhq")
+        raise ConfigError(f"preset {name!r} is {g.resolution}x{g.resolution}; for {resolution}x{resolution} "
+                          f"use --preset {family} --resolution {resolution}")
+    return g, d

@@ -1,5 +1,12 @@
 """StyleSwin's wavelet discriminator with spectral normalisation, as used by StyleNAT.
 
+A class-conditional discriminator (``num_classes > 0``) adds the projection of Miyato & Koyama
+(2018): logits += <embed(c), phi(x)>, phi the features before the last linear layer and embed a
+spectrally normalized class embedding. It fits this discriminator as it stands (spectral norm
+throughout, the setting the projection was made for) at the cost of one table of
+num_classes x C parameters; StyleGAN2-ADA's "mapped" conditioning is the same projection after
+an extra MLP on the label.
+
 The input (model output space) is Haar-transformed to 12 channels at half resolution. Each scale
 has a from-RGB 1x1 conv on the wavelet image (later scales first rebuild the image with the inverse
 transform, blur-downsample it and transform again) added to the main path, then a conv block that
@@ -107,11 +114,25 @@ class Discriminator(nn.Module):
         self.from_rgbs.append(FromRGB(c4, downsample=True))
         self.final_conv = ConvLayer(in_ch + 1, c4, 3)
         self.final_linear = nn.Sequential(spectral_norm(nn.Linear(c4 * 16, c4)), BiasLeakyReLU(c4), spectral_norm(nn.Linear(c4, 1)))
+        if config.num_classes:
+            embed = nn.Embedding(config.num_classes, c4)
+            nn.init.xavier_uniform_(embed.weight)
+            self.class_embed = spectral_norm(embed)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def input_blocks(self, n: int) -> list[nn.Module]:
+        """The first ``n`` blocks from the input side (each: its from-RGB layer and conv block), e.g. for FreezeD."""
+        if not 0 <= n <= len(self.convs):
+            raise ValueError(f"the discriminator has {len(self.convs)} blocks before its output block, not {n}")
+        return [m for i in range(n) for m in (self.from_rgbs[i], self.convs[i])]
+
+    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        """Logits [B, 1] of images x [B, 3, S, S] (and, for a conditional D, class indices c [B])."""
         s = self.config.resolution
         if x.ndim != 4 or x.shape[1:] != (3, s, s):
             raise ValueError(f"discriminator input must have shape [batch, 3, {s}, {s}], got {tuple(x.shape)}")
+        if (c is None) != (self.config.num_classes == 0):
+            raise ValueError("a conditional discriminator needs class labels" if c is None else
+                             "this discriminator is unconditional: pass no class labels")
         wavelets = self.dwt(x)
         out = None
         for from_rgb, conv in zip(self.from_rgbs, self.convs):
@@ -120,7 +141,11 @@ class Discriminator(nn.Module):
         _, out = self.from_rgbs[-1](wavelets, out)
         out = torch.cat([out, self._minibatch_stddev(out)], dim=1)
         out = self.final_conv(out)
-        return self.final_linear(out.flatten(1))
+        features = self.final_linear[1](self.final_linear[0](out.flatten(1)))
+        logits = self.final_linear[2](features)
+        if c is not None:
+            logits = logits + (self.class_embed(c.to(x.device)) * features).sum(1, keepdim=True)
+        return logits
 
     def _minibatch_stddev(self, x: Tensor) -> Tensor:
         """One channel: std over groups of samples (sample b is in group b mod B/G), averaged."""

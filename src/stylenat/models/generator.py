@@ -5,6 +5,10 @@ block j of stage s reads ``ws[:, 2s + j]`` (its two AdaINs). Nothing else reads 
 upsampling layers and ToRGB are not modulated. ``g(z)`` broadcasts one w to every latent, exactly
 like the official model, so style mixing is ``g.synthesis(ws)`` with rows taken from different w.
 
+Class-conditional models (``num_classes > 0``) take class indices ``c`` [B]: as in StyleGAN2-ADA,
+a learned embedding of the one-hot label is normalized like z and joins it at the mapping
+network's input; truncation then moves w toward the mean w of its class (``class_w_avg``).
+
 Tensors inside the synthesis network are channels-last tokens [B, H, W, C].
 """
 
@@ -18,7 +22,17 @@ from stylenat.models.config import GeneratorConfig, stage_resolutions
 from stylenat.nn.attention import HydraNeighborhoodAttention
 from stylenat.nn.layers import AdaIN, EqualLinear, FIRUpsample, sinusoidal_table
 
-__all__ = ["Generator", "MappingNetwork", "SynthesisNetwork"]
+__all__ = ["Generator", "MappingNetwork", "SynthesisNetwork", "seeds_to_z"]
+
+
+def seeds_to_z(seeds, dim: int, device: str | torch.device = "cpu") -> Tensor:
+    """Latents [len(seeds), dim], each drawn from N(0, I) by its own seeded CPU generator, so an
+    image depends on its seed only (not on the batch or the device it is drawn on)."""
+    return torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
+def _normalize(x: Tensor) -> Tensor:
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
 
 
 class MappingNetwork(nn.Module):
@@ -28,35 +42,66 @@ class MappingNetwork(nn.Module):
         style_dim: size of z and w.
         n_mlp: number of linear layers.
         lr_mul: learning-rate multiplier of every layer.
+        num_classes: classes of a conditional model (0: unconditional); see the module docstring.
         w_avg_beta: decay of the running mean ``w_avg`` updated in training mode.
     """
 
-    def __init__(self, style_dim: int, n_mlp: int, lr_mul: float, w_avg_beta: float = 0.995):
+    def __init__(self, style_dim: int, n_mlp: int, lr_mul: float, num_classes: int = 0, w_avg_beta: float = 0.995):
         super().__init__()
         self.style_dim = style_dim
+        self.num_classes = num_classes
         self.w_avg_beta = w_avg_beta
-        self.layers = nn.ModuleList(EqualLinear(style_dim, style_dim, lr_mul, activate=True) for _ in range(n_mlp))
+        if num_classes:
+            self.label_embed = EqualLinear(num_classes, style_dim)
+        first = 2 * style_dim if num_classes else style_dim
+        self.layers = nn.ModuleList(EqualLinear(first if i == 0 else style_dim, style_dim, lr_mul, activate=True)
+                                    for i in range(n_mlp))
         self.register_buffer("w_avg", torch.zeros(style_dim))
+        if num_classes:
+            self.register_buffer("class_w_avg", torch.zeros(num_classes, style_dim))
 
-    def embed(self, z: Tensor) -> Tensor:
-        """z [B, style_dim] -> w [B, style_dim]; no tracking, no truncation."""
+    def check_labels(self, c: Tensor | None, batch: int) -> None:
+        if self.num_classes == 0:
+            if c is not None:
+                raise ValueError("this model is unconditional: pass no class labels")
+            return
+        if c is None:
+            raise ValueError(f"this model is class-conditional ({self.num_classes} classes): pass class labels")
+        if c.shape != (batch,) or c.dtype not in (torch.int32, torch.int64):  # one_hot checks the range
+            raise ValueError(f"class labels must be integer class indices of shape [{batch}], got {c.dtype} {tuple(c.shape)}")
+
+    def embed(self, z: Tensor, c: Tensor | None = None) -> Tensor:
+        """z [B, style_dim] (and class indices c [B]) -> w [B, style_dim]; no tracking, no truncation."""
         if z.ndim != 2 or z.shape[1] != self.style_dim:
             raise ValueError(f"z must have shape [batch, {self.style_dim}], got {tuple(z.shape)}")
-        x = z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)
+        self.check_labels(c, z.shape[0])
+        x = _normalize(z)
+        if self.num_classes:
+            y = self.label_embed(F.one_hot(c.to(z.device), self.num_classes).to(z.dtype))
+            x = torch.cat([x, _normalize(y)], dim=1)
         for layer in self.layers:
             x = layer(x)
         return x
 
-    def truncate(self, w: Tensor, psi: float) -> Tensor:
-        """Move w toward ``w_avg``: w_avg + psi * (w - w_avg)."""
-        return self.w_avg.to(w.dtype).lerp(w, psi)
+    def center(self, c: Tensor | None, like: Tensor) -> Tensor:
+        """The point truncation moves toward: ``w_avg``, or each label's ``class_w_avg`` [B, style_dim]."""
+        if self.num_classes and c is not None:
+            return self.class_w_avg[c.to(self.class_w_avg.device)].to(like.dtype)
+        return self.w_avg.to(like.dtype)
 
-    def forward(self, z: Tensor, truncation_psi: float = 1.0) -> Tensor:
-        w = self.embed(z)
+    def truncate(self, w: Tensor, psi: float, c: Tensor | None = None) -> Tensor:
+        """Move w toward the mean w (of its class): center + psi * (w - center); w [B, D] or [B, N, D]."""
+        center = self.center(c, w)
+        if w.ndim == 3 and center.ndim == 2:
+            center = center[:, None]
+        return center.lerp(w, psi)
+
+    def forward(self, z: Tensor, truncation_psi: float = 1.0, *, c: Tensor | None = None) -> Tensor:
+        w = self.embed(z, c)
         if self.training:
             with torch.no_grad():
                 self.w_avg.copy_(w.detach().float().mean(0).lerp(self.w_avg, self.w_avg_beta))
-        return w if truncation_psi == 1 else self.truncate(w, truncation_psi)
+        return w if truncation_psi == 1 else self.truncate(w, truncation_psi, c)
 
 
 class Mlp(nn.Module):
@@ -209,7 +254,7 @@ class Generator(nn.Module):
     def __init__(self, config: GeneratorConfig):
         super().__init__()
         self.config = config
-        self.mapping = MappingNetwork(config.style_dim, config.n_mlp, config.lr_mlp)
+        self.mapping = MappingNetwork(config.style_dim, config.n_mlp, config.lr_mlp, config.num_classes)
         self.synthesis = SynthesisNetwork(config)
         self.apply(_init_weights)
 
@@ -229,25 +274,44 @@ class Generator(nn.Module):
     def w_avg(self) -> Tensor:
         return self.mapping.w_avg
 
-    def forward(self, z: Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None) -> Tensor:
-        """Raw images [B, 3, S, S]; truncation moves latents 0 .. cutoff-1 (default all) toward w_avg."""
-        ws = self.mapping(z).unsqueeze(1).repeat(1, self.num_ws, 1)
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, z: Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None, *,
+                c: Tensor | None = None) -> Tensor:
+        """Raw images [B, 3, S, S]; truncation moves latents 0 .. cutoff-1 (default all) toward the
+        mean w (of each image's class, for a conditional model; ``c``: class indices [B])."""
+        ws = self.mapping(z, c=c).unsqueeze(1).repeat(1, self.num_ws, 1)
         if truncation_psi != 1:
             cut = self.num_ws if truncation_cutoff is None else truncation_cutoff
-            ws[:, :cut] = self.mapping.truncate(ws[:, :cut], truncation_psi)
+            ws[:, :cut] = self.mapping.truncate(ws[:, :cut], truncation_psi, c)
         return self.synthesis(ws)
 
     @torch.no_grad()
     def compute_w_avg(self, n: int = 10000, seed: int = 0, batch: int = 1000) -> Tensor:
-        """Set ``w_avg`` to the mean of w over ``n`` seeded z (for weights trained elsewhere)."""
+        """Set ``w_avg`` to the mean of w over ``n`` seeded z (for weights trained elsewhere); for a
+        conditional model, over labels drawn uniformly too."""
         gen = torch.Generator().manual_seed(seed)
         dev = self.w_avg.device
         total = torch.zeros(self.style_dim, dtype=torch.float64, device=dev)
         for start in range(0, n, batch):
             z = torch.randn(min(batch, n - start), self.style_dim, generator=gen).to(dev)
-            total += self.mapping.embed(z).double().sum(0)
+            c = torch.randint(self.num_classes, (len(z),), generator=gen).to(dev) if self.num_classes else None
+            total += self.mapping.embed(z, c).double().sum(0)
         self.w_avg.copy_(total / n)
         return self.w_avg
+
+    @torch.no_grad()
+    def compute_class_w_avg(self, n: int = 1000, seed: int = 0) -> Tensor:
+        """Set each class's mean w, ``class_w_avg`` [num_classes, style_dim], to the mean of w over the
+        latents of seeds seed .. seed+n-1 with that label (``seeds_to_z``: what sampling draws)."""
+        dev = self.w_avg.device
+        z = seeds_to_z(range(seed, seed + n), self.style_dim, dev)
+        for k in range(self.num_classes):
+            c = torch.full((n,), k, dtype=torch.long, device=dev)
+            self.mapping.class_w_avg[k] = self.mapping.embed(z, c).double().mean(0).to(self.mapping.class_w_avg.dtype)
+        return self.mapping.class_w_avg
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from stylenat._system import atomic_path
-from stylenat.errors import MissingFileError, ModelFileError
+from stylenat.errors import MissingFileError, ModelFileError, first_line
 from stylenat.models.config import DiscriminatorConfig, GeneratorConfig
 
-__all__ = ["save_model", "load_model", "read_model_file", "find_model_file", "checkpoint_dirs", "latest_checkpoint",
+__all__ = ["save_model", "load_model", "load_models", "read_model_file", "find_model_file", "checkpoint_dirs", "latest_checkpoint",
            "FORMAT", "MODEL_FILE", "CHECKPOINT_PREFIX"]
 
 FORMAT = "stylenat-model/1"
@@ -111,7 +111,7 @@ def read_model_file(path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except Exception as exc:  # safetensors has its own error types for foreign, truncated or corrupt files
-        raise ModelFileError(f"{path} is not a readable stylenat model file ({_first_line(exc)}); "
+        raise ModelFileError(f"{path} is not a readable stylenat model file ({first_line(exc)}); "
                              "it may be truncated or of another kind") from None
     if raw.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a stylenat model file (format {raw.get('format')!r}, expected {FORMAT!r})")
@@ -122,31 +122,36 @@ def read_model_file(path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
             name, _, rest = key.partition(".")
             states[name][rest] = value
     except Exception as exc:
-        raise ModelFileError(f"{path} is a damaged stylenat model file ({_first_line(exc)})") from None
+        raise ModelFileError(f"{path} is a damaged stylenat model file ({first_line(exc)})") from None
     return meta, states
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def load_model(path, which: str = "g_ema", device="cpu") -> nn.Module:
-    """Rebuild module ``which`` of a model file, load its weights, move it to ``device``, eval mode."""
+def load_models(path, names=None, device="cpu") -> dict[str, nn.Module]:
+    """Rebuild modules ``names`` (default: all) of a model file, load their weights, move them to
+    ``device``, eval mode; {name: module}."""
     from stylenat.models.discriminator import Discriminator
     from stylenat.models.generator import Generator
 
     meta, states = read_model_file(path)
-    if which not in states:
-        raise ModelFileError(f"{path} holds modules {sorted(states)}, not {which!r}")
-    if which.startswith("g"):
-        module = Generator(GeneratorConfig.from_dict(meta["g_config"]))
-    elif meta["d_config"] is not None:
-        module = Discriminator(DiscriminatorConfig.from_dict(meta["d_config"]))
-    else:
-        raise ModelFileError(f"{path} stores {which!r} but no discriminator config")
-    try:
-        module.load_state_dict(states[which])
-    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
-        raise ModelFileError(f"{path} does not match its own config for {which!r}: {_first_line(exc)}") from None
-    return module.to(device).eval()
+    missing = [n for n in names or () if n not in states]
+    if missing:
+        raise ModelFileError(f"{path} holds modules {sorted(states)}, not {missing[0]!r}")
+    out = {}
+    for name in names or list(states):
+        if name.startswith("g"):
+            module = Generator(GeneratorConfig.from_dict(meta["g_config"]))
+        elif meta["d_config"] is not None:
+            module = Discriminator(DiscriminatorConfig.from_dict(meta["d_config"]))
+        else:
+            raise ModelFileError(f"{path} stores {name!r} but no discriminator config")
+        try:
+            module.load_state_dict(states[name])
+        except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+            raise ModelFileError(f"{path} does not match its own config for {name!r}: {first_line(exc)}") from None
+        out[name] = module.to(device).eval()
+    return out
+
+
+def load_model(path, which: str = "g_ema", device="cpu") -> nn.Module:
+    """Rebuild module ``which`` of a model file, load its weights, move it to ``device``, eval mode."""
+    return load_models(path, [which], device)[which]

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from stylenat.errors import ConfigError, MissingFileError, ModelFileError
-from stylenat.models.io import find_model_file, load_model
+from stylenat.models.io import find_model_file, load_models
 
-__all__ = ["default_device", "resolve_model", "MODEL_HELP"]
+__all__ = ["default_device", "resolve_model", "resolve_models", "model_source_file", "MODEL_HELP"]
 
 MODEL_HELP = ("expected a training run directory, a stylenat .safetensors model file, or an official "
               "StyleNAT .pt checkpoint (with --preset or --meta)")
@@ -46,11 +46,14 @@ def resolve_model(path: str | Path, preset: str | None = None, meta: str | Path 
         which: module to load: "g_ema" (default), "g" or "d".
         device: where to put it; default CUDA when present.
     """
-    path, device = Path(path), default_device(device)
-    if not path.exists():
-        raise MissingFileError(f"{path} does not exist: {MODEL_HELP}")
-    if path.is_dir():
-        return load_model(find_model_file(path), which=which, device=device)
+    return resolve_models(path, preset, meta, [which], device)[which]
+
+
+def resolve_models(path: str | Path, preset: str | None = None, meta: str | Path | dict | None = None,
+                   names: list[str] | None = None, device: str | torch.device | None = None) -> dict[str, nn.Module]:
+    """Modules ``names`` (default: every one stored, of "g", "g_ema", "d") of what ``path`` names,
+    in eval mode; arguments as for :func:`resolve_model`."""
+    path, device = model_source_file(path), default_device(device)
     if zipfile.is_zipfile(path):  # torch.save archives are zip files
         if preset is None and meta is None:
             raise ConfigError(f"{path} looks like an official StyleNAT checkpoint; say how it was configured "
@@ -60,12 +63,21 @@ def resolve_model(path: str | Path, preset: str | None = None, meta: str | Path 
         if isinstance(meta, (str, Path)):
             meta = read_official_meta(meta)
         modules = load_official_checkpoint(path, meta if meta is not None else preset)
-        if which not in modules:
-            raise ModelFileError(f"{path} holds {sorted(modules)}, not {which!r}")
-        return modules[which].to(device)
+        missing = [n for n in names or () if n not in modules]
+        if missing:
+            raise ModelFileError(f"{path} holds {sorted(modules)}, not {missing[0]!r}")
+        return {n: modules[n].to(device) for n in names or modules}
     if _is_safetensors(path) or path.suffix == ".safetensors":
-        return load_model(path, which=which, device=device)
+        return load_models(path, names, device)
     raise ModelFileError(f"{path} is not a model: {MODEL_HELP}")
+
+
+def model_source_file(path: str | Path) -> Path:
+    """The file a model comes from: ``path`` itself, or the model file of a run or checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"{path} does not exist: {MODEL_HELP}")
+    return find_model_file(path) if path.is_dir() else path
 
 
 def read_official_meta(path: str | Path) -> dict:

@@ -65,6 +65,12 @@ def cutout(x: Tensor, gen: torch.Generator, ratio: float = 0.5) -> Tensor:
     return x * (~inside).unsqueeze(1).to(x.dtype)
 
 
+def diffaugment(x: Tensor, gen: torch.Generator, translation_ratio: float = 0.125, cutout_ratio: float = 0.5) -> Tensor:
+    """DiffAugment's policy "color,translation,cutout" (Zhao et al. 2020), applied to every image."""
+    x = contrast(saturation(brightness(x, gen), gen), gen)
+    return cutout(translation(x, gen, translation_ratio), gen, cutout_ratio)
+
+
 def bcr_augment(x: Tensor, gen: torch.Generator, translation_ratio: float = 0.125, cutout_ratio: float = 0.5) -> Tensor:
     """The bCR policy: flip, translation, brightness, saturation, contrast, cutout."""
     x = flip(x, gen)

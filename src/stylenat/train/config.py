@@ -19,7 +19,10 @@ class TrainConfig(JsonConfig):
     """Every knob of a training run. Steps count optimizer steps of G (one D step each)."""
 
     preset: str = "ffhq256"
-    """Model preset name (``stylenat.models.PRESETS``) the generator and discriminator start from."""
+    """Model preset (``stylenat.models.PRESETS``: ffhq256, ffhq1024, church256, tiny) or family
+    (``stylenat.models.FAMILIES``: ffhq, church, sized by ``resolution``) of the generator and discriminator."""
+    resolution: int | None = param(None, min=16)
+    """Image edge of a family preset; None: the data's (a prepared dataset's size, or its images' size)."""
     generator: dict = field(default_factory=dict)
     """Overrides of GeneratorConfig fields; the run directory stores the fully resolved config here."""
     discriminator: dict = field(default_factory=dict)
@@ -90,6 +93,34 @@ class TrainConfig(JsonConfig):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """When a loss or D's gradient norm is not finite: ``stop`` (exit, last checkpoint intact) or ``skip`` the step."""
 
+    init: str | None = None
+    """Start G, G_ema and D from this model instead of random weights (fine-tuning): a run directory, a
+    stylenat .safetensors model file, or an official .pt (with ``init_preset`` or ``init_meta``). The
+    model configs come from it; optimizers and counters start fresh; a missing D starts fresh."""
+    init_preset: str | None = None
+    """An official ``init`` checkpoint's configuration, by preset name (ffhq256, ffhq1024, church256)."""
+    init_meta: dict | None = None
+    """An official ``init`` checkpoint's configuration in official terms (see stylenat.models.official)."""
+    init_sha256: str | None = None
+    """Set by the trainer: SHA-256 of the model file the run started from (recorded, and checked on a restart)."""
+    cond: bool | None = None
+    """Class-conditional training: None (default) when the data has labels, False to ignore them,
+    True to require them."""
+    freeze_d: int = param(0, min=0)
+    """FreezeD (Mo et al. 2020): the first this many discriminator blocks from the input side do not train."""
+    aug: Literal["none", "ada", "diffaug"] = "none"
+    """Augment every image D sees (reals and fakes; D, G and R1 steps): ``ada`` (adaptive, Karras et al.
+    2020), ``diffaug`` (DiffAugment's colour, translation, cutout, always on) or ``none``."""
+    aug_pipe: Literal["b", "g", "c", "bg", "bc", "gc", "bgc"] = "bgc"
+    """ADA's transform groups: b(litting: flips, quarter turns, whole-pixel shifts), g(eometric), c(olour)."""
+    aug_p: float | None = param(None, min=0, max=1)
+    """With ``aug = ada``: a fixed augmentation probability instead of the adaptive one."""
+    ada_target: float = param(0.6, gt=0, max=1)
+    """ADA's target of r_t = E[sign(D(real))], the overfitting heuristic."""
+    ada_interval: int = param(4, min=1)
+    """Steps between adjustments of p."""
+    ada_kimg: float = param(500.0, gt=0)
+    """Speed of p: it can go from 0 to 1 in this many thousand real images."""
     checkpoint_minutes: float | None = param(None, gt=0)
     """Also write a checkpoint when this many minutes have passed since the last one; None: by steps only."""
     deterministic: bool = False
@@ -98,12 +129,18 @@ class TrainConfig(JsonConfig):
     without it; see docs/robustness.md, "Determinism"."""
 
     def _check(self):
+        if self.init_preset is not None and self.init_meta is not None:
+            raise ConfigError("give the official init checkpoint's configuration once: init_preset or init_meta")
+        if self.aug_p is not None and self.aug != "ada":
+            raise ConfigError(f"TrainConfig.aug_p (a fixed ADA probability) needs aug = 'ada', got aug = {self.aug!r}")
         if len(set(self.metrics)) != len(self.metrics):
             raise ConfigError(f"TrainConfig.metrics lists a metric twice: {list(self.metrics)}")
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "ffhq256": TrainConfig(),
+    "ffhq": TrainConfig(preset="ffhq"),
+    "church": TrainConfig(preset="church"),
     "ffhq1024": TrainConfig(preset="ffhq1024"),
     "church256": TrainConfig(preset="church256"),
     # A 32px model learning from the demo faces in minutes on a CPU (tuned by looking at the

@@ -117,6 +117,12 @@ def any_rank(flags: list[bool], device: torch.device, reduce: str = "any") -> li
     return [bool(v) for v in t.tolist()]
 
 
+def sum_(t: torch.Tensor) -> None:
+    """Sum ``t`` over ranks, in place."""
+    if _active():
+        dist.all_reduce(t)
+
+
 def gather_objects(obj) -> list:
     """Every rank's ``obj`` (JSON-able), in rank order, on every rank."""
     if not _active():

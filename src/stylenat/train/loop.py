@@ -28,7 +28,7 @@ from torch import nn
 
 from stylenat.errors import ConfigError, MissingFileError, UserError
 from stylenat.train import dist
-from stylenat.train.augment import bcr_augment
+from stylenat.train.augment import bcr_augment, diffaugment
 from stylenat.train.checkpoint import (
     TrainingState,
     capture_rng,
@@ -61,32 +61,106 @@ class TrainingStopped(Exception):
         self.signal, self.step, self.checkpoint = signal, step, checkpoint
 
 
-def resolve_config(config: TrainConfig) -> TrainConfig:
-    """Fill ``generator``/``discriminator`` with the full model configs (preset + overrides)."""
-    from stylenat.models import DiscriminatorConfig, GeneratorConfig, get_preset
+_REQUIRED = {"generator": ("resolution", "channels", "heads", "kernels", "dilations"), "discriminator": ("resolution", "channels")}
 
-    g_cfg, d_cfg = get_preset(config.preset)
-    g_cfg = GeneratorConfig.from_dict({**g_cfg.to_dict(), **config.generator})
-    d_cfg = DiscriminatorConfig.from_dict({**d_cfg.to_dict(), **config.discriminator})
-    if g_cfg.resolution != d_cfg.resolution:
-        raise ConfigError(f"generator resolution {g_cfg.resolution} differs from discriminator resolution {d_cfg.resolution}")
+
+def resolve_config(config: TrainConfig, init: dict[str, nn.Module] | None = None) -> TrainConfig:
+    """The config with ``generator``/``discriminator`` filled with the full model configs and
+    ``resolution`` set, checked against the data.
+
+    The model configs come from ``init`` (the modules a fine-tuning run starts from), else from
+    complete ``generator``/``discriminator`` dicts (a run's config.json), else from the preset
+    (a family sized by ``resolution`` or by the data) with the dicts as overrides.
+    """
+    from stylenat.data import dataset_classes, native_resolution
+    from stylenat.models import FAMILIES, DiscriminatorConfig, GeneratorConfig, get_preset
+    from stylenat.models.config import official_discriminator
+
+    data_res, binding = native_resolution(config.data)
+    classes = dataset_classes(config.data) if config.cond is not False else []
+    if config.cond and not classes:
+        raise ConfigError(f"cond is true but {config.data} has no labels; prepare it with --labels (folders or a CSV file)")
+    g_over, d_over = dict(config.generator), dict(config.discriminator)
+    if init is None and "num_classes" not in g_over:  # a run's config.json already says (cond may have been false)
+        g_over.update(num_classes=len(classes), class_names=classes)
+        d_over.update(num_classes=len(classes))
+    if init is not None:
+        g_cfg = init["g_ema"].config
+        if "d" in init:
+            d_cfg = init["d"].config
+        else:  # a fresh D: the official one at this resolution, or as the user shapes it
+            fresh = official_discriminator(g_cfg.resolution).replace(num_classes=g_cfg.num_classes)
+            d_cfg = DiscriminatorConfig.from_dict({**fresh.to_dict(), **d_over})
+        for flag, cfg, over in (("--generator", g_cfg, g_over), ("--discriminator", d_cfg, d_over)):
+            if over and type(cfg).from_dict({**cfg.to_dict(), **over}) != cfg:
+                raise ConfigError(f"the model comes from --init {config.init}; its config cannot be changed "
+                                  f"({flag} {', '.join(sorted(over))}): drop those overrides")
+    elif all(k in g_over for k in _REQUIRED["generator"]) and all(k in d_over for k in _REQUIRED["discriminator"]):
+        g_cfg, d_cfg = GeneratorConfig.from_dict(g_over), DiscriminatorConfig.from_dict(d_over)
+    else:
+        asked = {r for r in (config.resolution, g_over.pop("resolution", None), d_over.pop("resolution", None)) if r is not None}
+        if len(asked) > 1:
+            raise ConfigError(f"conflicting resolutions {sorted(asked)} (--resolution, --generator, --discriminator)")
+        resolution = asked.pop() if asked else None
+        if config.preset in FAMILIES and resolution is None:
+            if data_res is None or not binding:
+                what = "the built-in demo" if str(config.data) == "demo" else \
+                    f"its images are {data_res}x{data_res}" if data_res else "its images differ in size or are not square"
+                raise ConfigError(f"cannot size the {config.preset} model from {config.data} ({what}): give --resolution R "
+                                  "(images are then cropped and resized to R), or prepare the data with stylenat prepare --size R")
+            resolution = data_res
+        g_cfg, d_cfg = get_preset(config.preset, resolution)
+        g_cfg = GeneratorConfig.from_dict({**g_cfg.to_dict(), **g_over})
+        d_cfg = DiscriminatorConfig.from_dict({**d_cfg.to_dict(), **d_over})
+    if tuple(g_cfg.classes) != tuple(classes) and (init is not None or config.cond is not False):
+        what = f"{len(classes)} classes ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})" if classes else "no labels"
+        raise ConfigError(f"the model has {g_cfg.num_classes} classes but {config.data} has {what}; "
+                          + ("train without labels with --cond false" if classes else "use data with the same classes"))
+    if d_cfg.num_classes != g_cfg.num_classes:
+        raise ConfigError(f"the generator has {g_cfg.num_classes} classes but the discriminator {d_cfg.num_classes}")
+    r = g_cfg.resolution
+    if d_cfg.resolution != r:
+        raise ConfigError(f"generator resolution {r} differs from discriminator resolution {d_cfg.resolution}")
+    if binding and data_res != r:
+        raise ConfigError(f"{config.data} holds {data_res}x{data_res} images but the model is {r}x{r}: train at the "
+                          f"data's size (--preset ffhq --resolution {data_res}) or prepare the data at {r} "
+                          f"(stylenat prepare SRC DST --size {r})")
     group = min(config.batch, d_cfg.stddev_group)
     if config.batch % group:
         raise ConfigError(f"batch {config.batch} must be a multiple of the discriminator's minibatch-stddev group "
                           f"{group}; pick another --batch or --discriminator stddev_group=N")
-    return config.replace(generator=g_cfg.to_dict(), discriminator=d_cfg.to_dict())
+    if config.freeze_d > d_cfg.num_blocks:
+        raise ConfigError(f"--freeze-d {config.freeze_d}: the {r}x{r} discriminator has {d_cfg.num_blocks} blocks "
+                          "before its output block")
+    return config.replace(resolution=r, generator=g_cfg.to_dict(), discriminator=d_cfg.to_dict())
 
 
 def _check_metrics(config: TrainConfig) -> None:
-    from stylenat.metrics.registry import METRICS
+    from stylenat.metrics.registry import parse_metric
 
-    unknown = [m for m in config.metrics if m not in METRICS]
-    if unknown:
-        raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    for name in config.metrics:
+        parse_metric(name)
+
+
+def _load_init(config: TrainConfig) -> tuple[TrainConfig, dict[str, nn.Module]]:
+    """The modules a fine-tuning run starts from, and the config recording their source and digest."""
+    from stylenat._system import file_sha256
+    from stylenat.models import resolve_models
+    from stylenat.models.loading import model_source_file
+
+    source = model_source_file(config.init).resolve()
+    digest = file_sha256(source)
+    if config.init_sha256 is not None and digest != config.init_sha256:
+        raise ConfigError(f"{source} changed since this run started from it (sha256 {config.init_sha256[:12]}..., "
+                          f"now {digest[:12]}...); restore it or start a new run")
+    modules = resolve_models(source, config.init_preset, config.init_meta, device="cpu")
+    if "g_ema" not in modules:
+        modules["g_ema"] = modules["g"]
+    return config.replace(init=str(source), init_sha256=digest), modules
 
 
 def train(config: TrainConfig) -> Path:
-    """Train from scratch into ``config.run_dir`` (which must hold no checkpoint yet).
+    """Train into ``config.run_dir`` (which must hold no checkpoint yet), from scratch or from ``config.init``.
 
     Raises TrainingStopped when a signal stopped the run early (with a checkpoint written).
     """
@@ -94,7 +168,10 @@ def train(config: TrainConfig) -> Path:
     if latest_checkpoint(run_dir / "checkpoints") is not None:
         raise UserError(f"{run_dir} already holds checkpoints; continue it with `stylenat train --resume {run_dir}` or pick a new --run-dir")
     _check_metrics(config)
-    return _Trainer(resolve_config(config), resume=False).run()
+    init = None
+    if config.init is not None:
+        config, init = _load_init(config)
+    return _Trainer(resolve_config(config, init), resume=False, init=init).run()
 
 
 def resume(run_dir: str | Path, steps: int | None = None) -> Path:
@@ -109,11 +186,16 @@ def resume(run_dir: str | Path, steps: int | None = None) -> Path:
     config = TrainConfig.load(run_dir / "config.json")
     config = config.replace(run_dir=str(run_dir), steps=steps or config.steps)
     _check_metrics(config)
-    return _Trainer(resolve_config(config), resume=latest_checkpoint(run_dir / "checkpoints") is not None).run()
+    if latest_checkpoint(run_dir / "checkpoints") is not None:
+        return _Trainer(resolve_config(config), resume=True).run()
+    init = None
+    if config.init is not None:
+        config, init = _load_init(config)
+    return _Trainer(resolve_config(config, init), resume=False, init=init).run()
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool):
+    def __init__(self, cfg: TrainConfig, resume: bool, init: dict[str, nn.Module] | None = None):
         from stylenat.data import open_dataset
         from stylenat.models import DiscriminatorConfig, GeneratorConfig, build_discriminator, build_generator
 
@@ -130,42 +212,74 @@ class _Trainer:
             _use_deterministic_kernels(self.device)
         self.g_cfg = GeneratorConfig.from_dict(cfg.generator)
         self.d_cfg = DiscriminatorConfig.from_dict(cfg.discriminator)
-        self.dataset = open_dataset(cfg.data, self.g_cfg.resolution, xflip=cfg.xflip)  # a bad path fails before any file is written
+        self.cond = self.g_cfg.num_classes > 0
+        # A bad path fails before any file is written; a conditional run reads (image, label) pairs.
+        self.dataset = open_dataset(cfg.data, self.g_cfg.resolution, xflip=cfg.xflip, labels=self.cond)
 
         # Every rank builds the same initial weights from the seed; rank 0's are broadcast anyway
         # so that no backend nondeterminism in initialization can make ranks differ.
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
-        self.G = build_generator(self.g_cfg).to(self.device).train()
-        self.D = build_discriminator(self.d_cfg).to(self.device).train()
+        self.G = build_generator(self.g_cfg)
+        self.D = build_discriminator(self.d_cfg)
+        self.G_ema = copy.deepcopy(self.G)
+        if init is not None:  # fine-tuning: every module the model has; a missing D stays fresh
+            self.G.load_state_dict(init.get("g", init["g_ema"]).state_dict())
+            self.G_ema.load_state_dict(init["g_ema"].state_dict())
+            if "d" in init:
+                self.D.load_state_dict(init["d"].state_dict())
+        self.G, self.D, self.G_ema = self.G.to(self.device).train(), self.D.to(self.device).train(), self.G_ema.to(self.device).eval()
         dist.broadcast_module(self.G)
         dist.broadcast_module(self.D)
-        self.G_ema = copy.deepcopy(self.G).eval()
+        dist.broadcast_module(self.G_ema)
         requires_grad(self.G_ema, False)
+        # FreezeD: the first blocks from the input side keep their weights; in eval mode their
+        # spectral-norm vectors stay put too, so they are bitwise unchanged.
+        frozen = self.D.input_blocks(cfg.freeze_d)
+        frozen_ids = {id(p) for m in frozen for p in m.parameters()}
+        self.d_params = [p for p in self.D.parameters() if id(p) not in frozen_ids]
+        for m in frozen:
+            m.eval()
+            requires_grad(m, False)
         self.g_opt = make_adam(self.G.parameters(), cfg.g_lr, cfg.betas)
-        self.d_opt = make_adam(self.D.parameters(), cfg.d_lr, cfg.betas, cfg.r1_interval)
+        self.d_opt = make_adam(self.d_params, cfg.d_lr, cfg.betas, cfg.r1_interval)
         # Latents and augmentations differ per rank (each rank is its own slice of the batch).
         rank_seed = cfg.seed * 1_000_003 + self.info.rank
         self.gen = torch.Generator().manual_seed(rank_seed)
         self.state = TrainingState(world=self.info.world)
+        self.pipe = self.ada = None
+        if cfg.aug == "ada":
+            from stylenat.train.ada import AdaController, AugmentPipe
+
+            self.pipe = AugmentPipe(cfg.aug_pipe, self.g_cfg.image_mean, self.g_cfg.image_std)
+            if cfg.aug_p is None:
+                self.ada = AdaController(0.0, cfg.ada_target, cfg.ada_interval, cfg.ada_kimg)
 
         self.log = RunLog(self.run_dir, self.info.is_main)
         # Loaded up front so that missing Inception weights stop the run before any training.
         self.inception = None
-        if cfg.metrics and self.info.is_main:
+        if self.info.is_main and cfg.metrics:
             from stylenat.metrics.inception import load_inception
+            from stylenat.metrics.registry import needs_inception
 
-            self.inception = load_inception(cfg.inception, device=self.device)
+            if needs_inception(list(cfg.metrics)):
+                self.inception = load_inception(cfg.inception, device=self.device)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             path = latest_checkpoint(self.ckpt_root)
             self.state = load_training_checkpoint(path, self._modules(), self._optimizers(), self.info.rank,
                                                   self.info.world, self.gen, self.device)
+            if self.ada is not None:
+                self.ada.load_state_dict(self.state.components["ada"])
         self.log.repair(self.state.step)  # torn lines, and records newer than the checkpoint: before any new line
         if resume:
             self.log.line(f"loaded {path}")
+        elif init is not None:
+            self.log.line(f"fine-tuning from {cfg.init} (sha256 {cfg.init_sha256[:12]}...): "
+                          + ("G, G_ema and D" if "d" in init else "G and G_ema; D starts fresh (the model has none)")
+                          + (f"; the first {cfg.freeze_d} D block(s) frozen" if cfg.freeze_d else ""))
         self.log.open_tensorboard(purge_step=self.state.step if resume else None)
         if self.info.is_main:
             cfg.save(self.run_dir / "config.json")
@@ -191,14 +305,38 @@ class _Trainer:
 
     # ---- one step ------------------------------------------------------------------------------
 
-    def _reals(self) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """What D sees of an image: the configured augmentation, drawn from the run's generator."""
+        if self.pipe is not None:
+            return self.pipe(x, self.ada.p if self.ada is not None else self.cfg.aug_p, self.gen)
+        if self.cfg.aug == "diffaug":
+            return diffaugment(x, self.gen)
+        return x
+
+    def _d(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return self.D(self._augment(x), c)
+
+    def _reals(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch of real images in model space, and their class indices (None when unconditional)."""
         from stylenat.models import uint8_to_model
 
         self.state.consumed_per_rank += self.cfg.batch
-        return uint8_to_model(next(self.batches).to(self.device, non_blocking=True), self.g_cfg)
+        batch = next(self.batches)
+        images, labels = batch if self.cond else (batch, None)
+        labels = labels.to(self.device, non_blocking=True) if labels is not None else None
+        return uint8_to_model(images.to(self.device, non_blocking=True), self.g_cfg), labels
 
-    def _latents(self) -> torch.Tensor:
-        return torch.randn(self.cfg.batch, self.g_cfg.style_dim, generator=self.gen).to(self.device)
+    def _latents(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents of a batch of fakes, and their class indices drawn from the data's label distribution."""
+        z = torch.randn(self.cfg.batch, self.g_cfg.style_dim, generator=self.gen).to(self.device)
+        if not self.cond:
+            return z, None
+        pick = torch.randint(len(self.dataset.labels), (self.cfg.batch,), generator=self.gen)
+        return z, self.dataset.labels[pick].to(self.device)
+
+    def _fakes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z, c = self._latents()
+        return self.G(z, c=c), c
 
     def _finish(self, opt: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor, what: str, clip: float | None = None) -> torch.Tensor:
         """Average gradients over ranks, clip, and step unless something is not finite."""
@@ -217,36 +355,39 @@ class _Trainer:
     def _d_step(self) -> tuple[list[torch.Tensor], dict]:
         cfg, accum = self.cfg, self.cfg.accum
         requires_grad(self.G, False)
-        requires_grad(self.D, True)
+        requires_grad(self.d_params, True)
         self.d_opt.zero_grad(set_to_none=True)
         reals, total, bcr_total = [], 0.0, 0.0
         for _ in range(accum):
-            real = self._reals()
-            reals.append(real)
+            real, real_c = self._reals()
+            reals.append((real, real_c))
             with self.autocast:
-                fake = self.G(self._latents())
-                real_logits, fake_logits = self.D(real), self.D(fake)
+                fake, fake_c = self._fakes()
+                real_logits, fake_logits = self._d(real, real_c), self._d(fake, fake_c)
                 loss = d_logistic_loss(real_logits, fake_logits)
                 bcr = real_logits.new_zeros(())
                 if cfg.bcr_real:
                     aug = bcr_augment(real, self.gen, cfg.bcr_translation, cfg.bcr_cutout)
-                    bcr = bcr + cfg.bcr_real * consistency_loss(self.D(aug), real_logits)
+                    bcr = bcr + cfg.bcr_real * consistency_loss(self._d(aug, real_c), real_logits)
                 if cfg.bcr_fake:
                     aug = bcr_augment(fake, self.gen, cfg.bcr_translation, cfg.bcr_cutout)
-                    bcr = bcr + cfg.bcr_fake * consistency_loss(self.D(aug), fake_logits)
+                    bcr = bcr + cfg.bcr_fake * consistency_loss(self._d(aug, fake_c), fake_logits)
+            if self.ada is not None:
+                self.ada.accumulate(real_logits)
             ((loss + bcr) / accum).backward()
             total, bcr_total = total + loss.detach() / accum, bcr_total + bcr.detach() / accum
         norm = self._finish(self.d_opt, self.D, total + bcr_total, "D loss", cfg.d_clip)
-        stats = {"d_loss": total, "bcr": bcr_total, "d_grad_norm": norm,
+        # r_t = E[sign(D(real))], ADA's overfitting heuristic, logged for every run.
+        stats = {"d_loss": total, "bcr": bcr_total, "d_grad_norm": norm, "r_t": real_logits.detach().sign().float().mean(),
                  "real_logits": real_logits.detach().float().mean(), "fake_logits": fake_logits.detach().float().mean()}
         return reals, stats
 
-    def _r1_step(self, reals: list[torch.Tensor]) -> torch.Tensor:
+    def _r1_step(self, reals: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
         cfg = self.cfg
         self.d_opt.zero_grad(set_to_none=True)
         total = 0.0
-        for real in reals:
-            r1 = r1_penalty(self.D, real)  # fp32: the double backward is where bf16 would hurt most
+        for real, c in reals:
+            r1 = r1_penalty(lambda x: self._d(x, c), real)  # fp32: the double backward is where bf16 would hurt most
             (cfg.r1_gamma / 2 * r1 * cfg.r1_interval / len(reals)).backward()
             total = total + r1.detach() / len(reals)
         self._finish(self.d_opt, self.D, total, "R1")
@@ -255,12 +396,12 @@ class _Trainer:
     def _g_step(self) -> torch.Tensor:
         accum = self.cfg.accum
         requires_grad(self.G, True)
-        requires_grad(self.D, False)
+        requires_grad(self.d_params, False)
         self.g_opt.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(accum):
             with self.autocast:
-                loss = g_nonsaturating_loss(self.D(self.G(self._latents())))
+                loss = g_nonsaturating_loss(self._d(*self._fakes()))
             (loss / accum).backward()
             total = total + loss.detach() / accum
         self._finish(self.g_opt, self.G, total, "G loss")
@@ -309,6 +450,10 @@ class _Trainer:
             update_ema(self.G_ema, self.G, beta)
             state.step += 1
             state.images += cfg.batch * cfg.accum * self.info.world
+            if self.pipe is not None:
+                stats["aug_p"] = self.ada.p if self.ada is not None else cfg.aug_p
+            if self.ada is not None:
+                self.ada.maybe_update(state.step, cfg.batch * cfg.accum * self.info.world, reduce=dist.sum_)
             window.append(stats)
 
             if state.step % cfg.tick_every == 0 or state.step == cfg.steps:
@@ -349,6 +494,7 @@ class _Trainer:
         self.log.stats(record)
         eta = format_duration((self.cfg.steps - step) * sec_per_step)
         r1 = f" r1 {means['r1']:.4f}" if "r1" in means else ""
+        r1 += f" r_t {means['r_t']:.2f}" + (f" aug p {means['aug_p']:.3f}" if "aug_p" in means else "")
         self.log.line(f"step {step}/{self.cfg.steps} kimg {images / 1000:.1f} d {means['d_loss']:.3f} "
                       f"g {means['g_loss']:.3f} bcr {means['bcr']:.3f}{r1} | {img_s:.1f} img/s "
                       f"{record['peak_mem_gib']:.2f} GiB | eta {eta}")
@@ -360,8 +506,22 @@ class _Trainer:
             return
         from stylenat.data import save_image_grid
 
-        n = min(self.cfg.grid[0] * self.cfg.grid[1], len(self.dataset))
-        save_image_grid(torch.stack([self.dataset[i] for i in range(n)]), self.run_dir / "reals.png", self.cfg.grid)
+        rows, cols = self.cfg.grid
+        if not self.cond:
+            n = min(rows * cols, len(self.dataset))
+            save_image_grid(torch.stack([self.dataset[i] for i in range(n)]), self.run_dir / "reals.png", self.cfg.grid)
+            return
+        # One row per class (the first classes when there are more than rows), black where a class runs out.
+        images = torch.zeros(rows * cols, 3, self.g_cfg.resolution, self.g_cfg.resolution, dtype=torch.uint8)
+        for r, k in enumerate(self._grid_classes()):
+            members = (self.dataset.labels == k).nonzero().flatten()[:cols].tolist()
+            for j, i in enumerate(members):
+                images[r * cols + j] = self.dataset[i][0]
+        save_image_grid(images, self.run_dir / "reals.png", self.cfg.grid)
+
+    def _grid_classes(self) -> list[int]:
+        """The class of each grid row of a conditional run: 0, 1, ... (repeating when rows outnumber classes)."""
+        return [r % self.g_cfg.num_classes for r in range(self.cfg.grid[0])]
 
     @torch.no_grad()
     def _write_fakes(self) -> None:
@@ -371,8 +531,12 @@ class _Trainer:
         from stylenat.data import save_image_grid
         from stylenat.models import model_to_uint8, seeds_to_z
 
-        z = seeds_to_z(range(self.cfg.grid[0] * self.cfg.grid[1]), self.g_cfg.style_dim)
-        images = [model_to_uint8(self.G_ema(chunk.to(self.device)), self.g_cfg).cpu() for chunk in z.split(self.cfg.batch)]
+        rows, cols = self.cfg.grid
+        z = seeds_to_z(range(rows * cols), self.g_cfg.style_dim)
+        c = torch.tensor(self._grid_classes()).repeat_interleave(cols) if self.cond else None
+        images = [model_to_uint8(self.G_ema(z[i:i + self.cfg.batch].to(self.device),
+                                            c=None if c is None else c[i:i + self.cfg.batch].to(self.device)), self.g_cfg).cpu()
+                  for i in range(0, len(z), self.cfg.batch)]
         save_image_grid(torch.cat(images), self.run_dir / f"fakes_{self.state.step:09d}.png", self.cfg.grid)
 
     def _metrics_due(self) -> bool:
@@ -400,6 +564,9 @@ class _Trainer:
     def _save(self) -> Path | None:
         """Write a checkpoint of this step (collective: every rank's random state and weight digest)."""
         modules = self._modules()
+        if self.cond:  # the class means truncation moves toward, stored with the model (every rank: same weights)
+            self.G.compute_class_w_avg()
+            self.G_ema.compute_class_w_avg()
         gathered = dist.gather_objects((capture_rng(self.gen, self.device), weights_digest(modules)))
         path, error = None, None
         if self.info.is_main:
@@ -410,6 +577,8 @@ class _Trainer:
             if existing is not None and existing.name.endswith(f"{self.state.step:09d}"):
                 path = existing  # e.g. a stop right after a scheduled checkpoint of the same step
             else:
+                if self.ada is not None:
+                    self.state.components["ada"] = self.ada.state_dict()
                 try:
                     path = save_training_checkpoint(self.ckpt_root, self.state, modules, self._optimizers(), rng, digests,
                                                     self.cfg.to_dict(), self.cfg.keep)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def d_logistic_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -17,11 +19,12 @@ def g_nonsaturating_loss(fake_logits: Tensor) -> Tensor:
     return F.softplus(-fake_logits).mean()
 
 
-def r1_penalty(d: nn.Module, real: Tensor) -> Tensor:
+def r1_penalty(d: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:
     """Batch mean of ||grad_x D(x)||^2 on real images, differentiable w.r.t. D's parameters.
 
-    ``d`` should be the plain module (not a DDP wrapper): the gradient is taken with
-    ``torch.autograd.grad`` and needs a double backward.
+    ``d`` maps images to logits: the plain module (not a DDP wrapper), or D after a differentiable
+    augmentation (the gradient is then taken w.r.t. the un-augmented image, as in ADA). It is
+    taken with ``torch.autograd.grad`` and needs a double backward.
     """
     real = real.detach().requires_grad_(True)
     logits = d(real)

@@ -34,6 +34,7 @@ def set_lr_factor(opt: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group["initial_lr"] * factor
 
 
-def requires_grad(module: nn.Module, flag: bool) -> None:
-    for p in module.parameters():
+def requires_grad(params: nn.Module | list[nn.Parameter], flag: bool) -> None:
+    """Turn gradients of a module's parameters (or of a list of parameters) on or off."""
+    for p in params.parameters() if isinstance(params, nn.Module) else params:
         p.requires_grad_(flag)

@@ -1,0 +1,26 @@
+"""Shared set-up of the explorer tests: a tiny generator, saved in the project format and loaded back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stylenat.models import build_generator, resolve_model, save_model
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory):
+    """A tiny generator saved in the project format, with ToRGB weights large enough for varied pixels."""
+    torch.manual_seed(0)
+    g = build_generator("tiny")
+    for p in g.synthesis.to_rgbs.parameters():  # the 0.02-gain init gives near-constant images
+        torch.nn.init.normal_(p, std=0.3)
+    g.compute_w_avg(n=256)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(path, {"g_ema": g}, g.config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def g(model_file):
+    return resolve_model(model_file, device="cpu")

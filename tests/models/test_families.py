@@ -1,0 +1,85 @@
+"""Model families at any resolution: the official rule's parameter count in closed form, checked
+against the official counts at 256 and 1024 and then against every family member we build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stylenat.errors import ConfigError
+from stylenat.models import build_generator, get_preset
+from stylenat.models.config import FAMILY_RESOLUTIONS
+
+OFFICIAL_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 512, 128: 256, 256: 128, 512: 64, 1024: 32}
+
+
+def official_generator_params(size: int, min_heads: int = 4, style_dim: int = 512, n_mlp: int = 8) -> int:
+    """The official generator's parameter count, written out from its architecture.
+
+    Mapping: n_mlp linear layers with bias. Constant 512x4x4. Per stage (resolutions 4..size), two
+    blocks of: two AdaIN style layers (style_dim -> 2C, bias), qkv (C -> 3C, bias), output projection
+    (C -> C, bias), one relative-position-bias table per head, (2k-1)^2 entries (k = 4 at 4x4 -- full
+    attention over the map --, 7 elsewhere, whatever the head groups), an MLP C -> 4C -> C with biases.
+    Between stages: LayerNorm (2 C_in), linear C_in -> C_out without bias, alpha. ToRGB after every
+    stage: 1x1 conv C -> 3 with bias, plus an extra bias of 3.
+    """
+    res = [2**i for i in range(2, size.bit_length())]
+    channels = [OFFICIAL_CHANNELS[r] for r in res]
+    total = n_mlp * (style_dim * style_dim + style_dim) + channels[0] * 16
+    for i, (r, c) in enumerate(zip(res, channels)):
+        heads = max(c // 32, min_heads)
+        k = 4 if r == 4 else 7
+        block = 2 * (style_dim * 2 * c + 2 * c) + (c * 3 * c + 3 * c) + (c * c + c) + heads * (2 * k - 1) ** 2 \
+            + (c * 4 * c + 4 * c) + (4 * c * c + c)
+        total += 2 * block
+        out = channels[i + 1] if i + 1 < len(res) else c
+        if i + 1 < len(res):
+            total += 2 * c + c * out + 1
+        total += out * 3 + 3 + 3
+    return total
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_closed_form_reproduces_the_official_counts():
+    assert official_generator_params(256) == 48_921_000
+    assert official_generator_params(1024) == 49_452_934
+
+
+@pytest.mark.parametrize("resolution", FAMILY_RESOLUTIONS)
+def test_ffhq_family_follows_the_official_rule(resolution):
+    g_cfg, _ = get_preset("ffhq", resolution)
+    with torch.device("meta"):
+        g = build_generator(g_cfg)
+    assert _count(g) == official_generator_params(resolution)
+    assert g_cfg.dilations[-1] == (1, resolution // 8) and g_cfg.kernels[-1] == (7, 7)
+    assert g_cfg.heads == tuple(max(c // 32, 4) for c in g_cfg.channels)
+
+
+def test_ffhq128_count():
+    # The number the README states for `--preset ffhq --resolution 128`.
+    assert official_generator_params(128) == 47_965_529
+
+
+@pytest.mark.parametrize("resolution", [16, 64, 512])
+def test_church_family(resolution):
+    g_cfg, _ = get_preset("church", resolution)
+    assert g_cfg.dilations[-1] == tuple(2**i for i in range((resolution // 8).bit_length()))
+    assert g_cfg.heads == tuple(max(c // 32, 8) for c in g_cfg.channels)
+
+
+def test_named_presets_equal_their_family_members():
+    assert get_preset("ffhq256") == get_preset("ffhq", 256)
+    assert get_preset("ffhq1024") == get_preset("ffhq", 1024)
+    assert get_preset("church256") == get_preset("church", 256)
+
+
+def test_resolution_errors():
+    with pytest.raises(ConfigError, match="give its resolution"):
+        get_preset("ffhq")
+    with pytest.raises(ConfigError, match="not 96"):
+        get_preset("ffhq", 96)
+    with pytest.raises(ConfigError, match="use --preset ffhq --resolution 128"):
+        get_preset("ffhq256", 128)
