@@ -15,7 +15,7 @@ from PIL import Image
 from stylenat.data.prepare import prepare_dataset
 from stylenat.errors import ConfigError, DataError, MissingFileError, ModelFileError
 from stylenat.metrics.lpips import LPIPS
-from stylenat.models import build_generator, model_to_uint8, save_model
+from stylenat.models import build_generator, model_to_uint8, save_model, seeds_to_z
 from stylenat.projection import (
     PyramidDistance,
     _lr_at,
@@ -32,17 +32,23 @@ SIZE = 32  # the tiny preset
 FAST = dict(distance="pyramid", w_avg_samples=2000)
 
 
-def varied_tiny(style_dim: int | None = None, resolution: int | None = None) -> torch.nn.Module:
+CLASSES = ("cat", "dog", "owl")
+
+
+def varied_tiny(style_dim: int | None = None, resolution: int | None = None, conditional: bool = False) -> torch.nn.Module:
     """A tiny generator whose images change a lot with w.
 
     With the default init the transformer blocks (the only readers of w) add almost nothing, so all
     seeds give nearly one image (about 31 dB apart) and an inversion test would pass from the start;
     larger block weights make seeds 14-17 dB apart. ToRGB gets std 0.3 as in test_sampling.
+    ``conditional``: three classes named CLASSES (their mean w are about 6 apart, w_std about 5).
     """
     torch.manual_seed(0)
     cfg = build_generator("tiny").config
     if style_dim is not None:
         cfg = dataclasses.replace(cfg, style_dim=style_dim)
+    if conditional:
+        cfg = dataclasses.replace(cfg, num_classes=len(CLASSES), class_names=CLASSES)
     if resolution == 16:
         cfg = dataclasses.replace(cfg, resolution=16, channels=cfg.channels[:3], heads=cfg.heads[:3],
                                   kernels=cfg.kernels[:3], dilations=cfg.dilations[:3])
@@ -53,12 +59,56 @@ def varied_tiny(style_dim: int | None = None, resolution: int | None = None) -> 
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.normal_(m.weight, std=0.05)
     g.compute_w_avg(n=256)
+    if conditional:
+        g.compute_class_w_avg(n=256)
     return g.eval()
 
 
 @pytest.fixture(scope="module")
 def g():
     return varied_tiny()
+
+
+@pytest.fixture(scope="module")
+def gc():
+    return varied_tiny(conditional=True)
+
+
+class AdamSpy(torch.optim.Adam):
+    """Adam that records, per optimiser made, the latent it starts from and the learning rate and
+    latent of every step (the projector's loop is otherwise invisible from outside)."""
+
+    runs: list[dict] = []
+
+    def __init__(self, params, *args, **kwargs):
+        params = list(params)
+        super().__init__(params, *args, **kwargs)
+        AdamSpy.runs.append({"start": params[0].detach().clone(), "lrs": [], "after": []})
+
+    def step(self, closure=None):
+        run = AdamSpy.runs[-1]
+        run["lrs"].append(self.param_groups[0]["lr"])
+        out = super().step(closure)
+        run["after"].append(self.param_groups[0]["params"][0].detach().clone())
+        return out
+
+
+@pytest.fixture
+def adam_runs(monkeypatch) -> list[dict]:
+    AdamSpy.runs = []
+    monkeypatch.setattr(torch.optim, "Adam", AdamSpy)
+    return AdamSpy.runs
+
+
+def mean_w(g, n: int = 4000, label: int | None = None) -> tuple[torch.Tensor, float]:
+    """Mean w and RMS distance from it, from an independent draw (the seeds' z of sampling, not
+    w_stats's stream): an oracle for w_stats up to sampling error."""
+    z = seeds_to_z(range(10_000, 10_000 + n), g.style_dim, "cpu")
+    c = None if label is None else torch.full((n,), label, dtype=torch.long)
+    with torch.no_grad():
+        ws = g.mapping.embed(z, c).double()
+    avg = ws.mean(0)
+    return avg.float(), float(((ws - avg).square().sum() / n).sqrt())
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +179,93 @@ def test_frames_and_progress_callback(g):
     assert project(g, result.target, steps=2, **FAST).frames is None
 
 
+def stylegan2_lr(step: int, steps: int, lr: float, rampdown: float, rampup: float) -> float:
+    """StyleGAN2-ADA projector.py's learning rate, written out from its source."""
+    t = step / steps
+    lr_ramp = min(1.0, (1.0 - t) / rampdown)
+    lr_ramp = 0.5 - 0.5 * np.cos(lr_ramp * np.pi)
+    lr_ramp = lr_ramp * min(1.0, t / rampup)
+    return lr * lr_ramp
+
+
+def test_the_loop_uses_the_learning_rate_ramp(g, adam_runs):
+    # Ramps long enough that most of 12 steps see a different rate: up over 3 steps, down over 6.
+    project(g, generate(g, [6])[0], steps=12, lr=0.2, lr_rampup=0.25, lr_rampdown=0.5, **FAST)
+    (run,) = adam_runs
+    expected = [stylegan2_lr(i, 12, 0.2, 0.5, 0.25) for i in range(12)]
+    assert run["lrs"] == pytest.approx(expected, abs=1e-12)
+    assert len(set(np.round(expected, 9))) >= 9  # the check compares a real ramp, not a constant
+    assert torch.equal(run["after"][0], run["start"])  # step 0 has rate 0: Adam does not move the latent
+    assert not torch.equal(run["after"][1], run["after"][0])
+
+
+def test_the_optimisation_starts_at_the_mean_w(g, adam_runs):
+    target = generate(g, [7])[0]
+    project(g, target, steps=1, space="w+", **FAST)
+    project(g, target, steps=1, space="w", **FAST)
+    w_avg, w_std = w_stats(g, 2000)
+    assert torch.equal(adam_runs[0]["start"], w_avg.expand(1, g.num_ws, -1))
+    assert torch.equal(adam_runs[1]["start"], w_avg.view(1, 1, -1))
+    oracle, oracle_std = mean_w(g)
+    # w_stats's mean is the model's mean w: within sampling error (w_std / sqrt(2000) per
+    # coordinate, about 0.1 over 64 of them) of an independent draw, far closer than a random w.
+    assert (w_avg - oracle).norm() < 0.25 and w_std == pytest.approx(oracle_std, rel=0.03)
+    assert (seeds_to_w_plain(g, 3) - oracle).norm() > 3
+    # Given stats are used as they are, without mapping anything.
+    start = torch.randn(g.style_dim)
+    calls = []
+    embed = g.mapping.embed
+    g.mapping.embed = lambda *a, **k: calls.append(1) or embed(*a, **k)
+    try:
+        result = project(g, target, steps=1, space="w", stats=(start, 0.0), distance="pyramid")
+    finally:
+        del g.mapping.embed
+    assert calls == [] and torch.equal(adam_runs[2]["start"], start.view(1, 1, -1))
+    assert torch.equal(result.latent, start)  # step 0 has rate 0 and w_std 0 means no noise
+    with pytest.raises(ConfigError, match="stats must be"):
+        project(g, target, steps=1, stats=(torch.zeros(3), 1.0), distance="pyramid")
+
+
+def seeds_to_w_plain(g, seed: int) -> torch.Tensor:
+    with torch.no_grad():
+        return g.mapping.embed(seeds_to_z([seed], g.style_dim, "cpu"))[0]
+
+
+def test_conditional_projection_starts_at_the_class_mean(gc, adam_runs):
+    target = generate(gc, [5], labels=2)[0]
+    result = project(gc, target, label="owl", steps=25, space="w+", **FAST)
+    assert result.label == 2
+    class_avg, class_std = w_stats(gc, 2000, label=2)
+    assert torch.equal(adam_runs[0]["start"], class_avg.expand(1, gc.num_ws, -1))
+    start_image = render(gc, class_avg.expand(gc.num_ws, -1))
+    assert result.psnr > psnr(start_image, target) + 8  # it optimises from there
+    project(gc, target, label=0, steps=1, **FAST)
+    assert torch.equal(adam_runs[1]["start"], w_stats(gc, 2000, label=0)[0].expand(1, gc.num_ws, -1))
+    # Each class's statistics are its own: near an independent draw of that class, far from the others.
+    for k in range(len(CLASSES)):
+        avg, std = w_stats(gc, 2000, label=k)
+        oracles = [mean_w(gc, label=j)[0] for j in range(len(CLASSES))]
+        assert (avg - oracles[k]).norm() < 0.3
+        assert all((avg - oracles[j]).norm() > 3 for j in range(len(CLASSES)) if j != k)
+        assert std == pytest.approx(mean_w(gc, label=k)[1], rel=0.03)
+    assert torch.equal(w_stats(gc, 500, label="dog")[0], w_stats(gc, 500, label=1)[0])
+
+
+def test_class_errors(g, gc):
+    target = generate(gc, [1], labels=0)[0]
+    with pytest.raises(ConfigError, match=r"class-conditional \(3 classes\).*label=") as info:
+        project(gc, target, steps=1, **FAST)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="class-conditional"):
+        w_stats(gc, 100)
+    with pytest.raises(ConfigError, match="unknown class 'emu'"):
+        project(gc, target, label="emu", steps=1, **FAST)
+    with pytest.raises(ConfigError, match="class 3 does not exist"):
+        project(gc, target, label=3, steps=1, **FAST)
+    with pytest.raises(ConfigError, match="unconditional"):
+        project(g, generate(g, [1])[0], label=0, steps=1, **FAST)
+
+
 def test_learning_rate_schedule():
     # linear ramp-up over the first 5 %, flat, half-cosine ramp-down over the last 25 %
     assert _lr_at(0.0, 0.1, 0.25, 0.05) == 0
@@ -190,6 +327,7 @@ def test_unreadable_or_missing_image_files(g, tmp_path):
     with pytest.raises(DataError, match="broken.png is not a readable image") as info:
         project(g, bad, steps=1, **FAST)
     assert "\n" not in str(info.value)
+    assert " at 0x" not in str(info.value) and "BytesIO" not in str(info.value)  # no object reprs
     with pytest.raises(MissingFileError, match="does not exist"):
         project(g, tmp_path / "absent.png", steps=1, **FAST)
 

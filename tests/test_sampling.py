@@ -129,6 +129,20 @@ def test_style_mix_and_interpolate_take_latents():
         style_mix(g, torch.zeros(1, 3, g.style_dim), [1], [0])
 
 
+def test_an_unconditional_model_takes_no_class(g, model_file, tmp_path, capsys):
+    for labels in (0, "cat", [0], torch.tensor(0)):
+        with pytest.raises(ValueError, match="this model is unconditional: it takes no class"):
+            generate(g, [1], labels=labels)
+    assert torch.equal(generate(g, [1], labels=None), generate(g, [1]))
+    for argv in (["generate", "--seeds", "0", "--class", "1", "--out", str(tmp_path / "a")],
+                 ["generate", "--seeds", "0", "--classes", "--out", str(tmp_path / "b")],
+                 ["mix", "--rows", "0", "--cols", "1", "--layers", "0", "--class", "1", "--out", str(tmp_path / "m.png")],
+                 ["video", "--seeds", "0-1", "--class", "1", "--out", str(tmp_path / "v.gif")]):
+        assert main([argv[0], str(model_file), *argv[1:]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "unconditional" in err
+
+
 # ---- CLI ----------------------------------------------------------------------------------------
 
 

@@ -109,6 +109,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         values = {**_assignments(args.set, "--set"), **{k: v for k, v in flags.items() if v is not None}}
         values["generator"] = _assignments(args.generator, "--generator")
         values["discriminator"] = _assignments(args.discriminator, "--discriminator")
+        if args.init and not args.preset:  # the model comes from --init; config.json must not name a preset for it
+            values.setdefault("preset", None)
         train(get_train_preset(args.preset or "ffhq").replace(**values))
     except NonFiniteError as exc:
         print(f"stylenat train: stopped: {exc}; the last checkpoint is intact (resume with --resume, "
@@ -195,6 +197,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     grid = tuple(parse_ints(args.grid.replace("x", ","), "--grid")) if args.grid else None
     if grid is not None and args.classes:
         raise UserError("--classes lays out its own grid (one row per class); drop --grid")
+    if args.classes and args.cls is not None:
+        raise UserError("--classes makes one row for every class; drop --class (or drop --classes for one class)")
     if grid is not None and (len(grid) != 2 or min(grid) < 1 or grid[0] * grid[1] < len(seeds)):
         raise UserError(f"--grid {args.grid}: need ROWSxCOLS with room for all {len(seeds)} seeds")
     if args.no_images and grid is None and not args.classes:
@@ -228,6 +232,20 @@ def _float_list(text: str, name: str) -> list[float]:
         raise ConfigError(f"{name}: cannot read {text!r}; use a list like -3,-1.5,0,1.5,3") from None
 
 
+def _check_seed_options(args: argparse.Namespace, uses_seeds: bool) -> None:
+    """Refuse --trunc and --class when every source is a latent file: both act on seeds only (a
+    latent file is a point in w, used as it is, and already holds its class), and ignoring them
+    silently would leave the user believing they applied."""
+    if uses_seeds:
+        return
+    if args.trunc != 1:
+        raise ConfigError("--trunc truncates the latents of seeds toward the mean w; latent files are used as they are "
+                          "(drop --trunc, or use seeds)")
+    if args.cls is not None:
+        raise ConfigError("--class picks the class of seeds; a latent file already holds the class it was made with "
+                          "(drop --class)")
+
+
 def _seeds_or_latents(g, seeds: str | None, latents: str | None, flag: str):
     """The seeds of option ``flag``, or (when given instead) ws [N, num_ws, style_dim] of comma-separated latent files."""
     if latents is None:
@@ -243,6 +261,7 @@ def _cmd_mix(args: argparse.Namespace) -> int:
     from stylenat.data.images import save_image_grid
     from stylenat.sampling import style_mix
 
+    _check_seed_options(args, args.rows is not None or args.cols is not None)
     g = _load_generator(args)
     grid = style_mix(g, _seeds_or_latents(g, args.rows, args.row_latents, "--rows"),
                      _seeds_or_latents(g, args.cols, args.col_latents, "--cols"),
@@ -256,6 +275,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
     from stylenat.sampling import check_video_path, interpolate, save_video
 
     check_video_path(args.out)  # fail before rendering, not after
+    _check_seed_options(args, args.seeds is not None)
     g = _load_generator(args)
     frames = interpolate(g, _seeds_or_latents(g, args.seeds, args.latents, "--seeds"), args.frames, loop=args.loop,
                          space=args.space, truncation_psi=args.trunc, batch=args.batch, labels=args.cls)
@@ -283,12 +303,26 @@ def _projection_folders(paths: list, target: str, out: str) -> list:
 
 def _lpips_for(args: argparse.Namespace, device) -> tuple:
     """(the LPIPS module, or None for the weight-free fallback; a line saying which distance is used)."""
-    from stylenat.metrics.lpips import load_lpips, lpips_available
+    from pathlib import Path
+
+    from stylenat.errors import MissingFileError
+    from stylenat.metrics.lpips import LIN_NAME, VGG_NAME, load_lpips, lpips_available
 
     if args.distance == "pyramid":
         return None, "distance: laplacian-pyramid (--distance pyramid)"
-    if args.distance == "lpips" or lpips_available(args.lpips_vgg, args.lpips_lin):
-        return load_lpips(args.lpips_vgg, args.lpips_lin, device=device), "distance: lpips-vgg16"
+    named = args.lpips_vgg or args.lpips_lin  # naming a weights file asks for LPIPS: no quiet fallback then
+    if args.distance == "lpips" or named or lpips_available(args.lpips_vgg, args.lpips_lin):
+        try:
+            return load_lpips(args.lpips_vgg, args.lpips_lin, device=device), "distance: lpips-vgg16"
+        except MissingFileError as exc:
+            # One file named and present: the error is about the other one, so name it first.
+            if args.lpips_vgg and not args.lpips_lin and Path(args.lpips_vgg).is_file():
+                raise MissingFileError(f"--lpips-vgg is given, but LPIPS's second file, its lin weights ({LIN_NAME}), "
+                                       f"is missing (pass it with --lpips-lin PATH). {exc}") from None
+            if args.lpips_lin and not args.lpips_vgg and Path(args.lpips_lin).is_file():
+                raise MissingFileError(f"--lpips-lin is given, but LPIPS's second file, the VGG16 weights ({VGG_NAME}), "
+                                       f"is missing (pass it with --lpips-vgg PATH). {exc}") from None
+            raise
     return None, ("distance: laplacian-pyramid, the fallback: no LPIPS weights found (--distance lpips "
                   "says where to get and put them)")
 
@@ -297,17 +331,19 @@ def _cmd_project(args: argparse.Namespace) -> int:
     import time
 
     from stylenat.metrics.features import Progress
-    from stylenat.projection import load_target, project, save_projection, target_files
+    from stylenat.projection import load_target, project, resolve_label, save_projection, target_files, w_stats
     from stylenat.sampling import check_video_path
 
     if args.video:
         check_video_path(f"optimization.{args.video}")  # fail before optimising, not after
     g = _load_generator(args)
+    label = resolve_label(g, args.cls)  # a missing or unknown class fails before any image is read
     paths = target_files(args.target)
     targets = [load_target(path, g.resolution) for path in paths]  # a bad file fails now, not hours in
     folders = _projection_folders(paths, args.target, args.out)
     lpips, line = _lpips_for(args, g.w_avg.device)  # loaded once for all targets
-    print(line)
+    print(line if label is None else f"{line}; class {label} ({g.config.classes[label]})")
+    stats = w_stats(g, label=label)  # the start point: 10,000 mapping passes, the same for every target
     record_every = max(1, args.steps // PROJECT_VIDEO_FRAMES) if args.video else 0
     for path, target, folder in zip(paths, targets, folders):
         progress, start = Progress(f"project {path.name}", args.steps), time.monotonic()
@@ -315,8 +351,9 @@ def _cmd_project(args: argparse.Namespace) -> int:
         def show(step: int, steps: int, loss: dict) -> None:
             progress.update(step, f" steps, loss {loss['total']:.4f}, {time.monotonic() - start:.0f} s")
 
-        result = project(g, target, steps=args.steps, space=args.space, seed=args.seed, lpips=lpips,
-                         distance="pyramid" if lpips is None else "lpips", record_every=record_every, callback=show)
+        result = project(g, target, label=label, steps=args.steps, space=args.space, seed=args.seed, lpips=lpips,
+                         distance="pyramid" if lpips is None else "lpips", stats=stats, record_every=record_every,
+                         callback=show)
         seconds = time.monotonic() - start
         save_projection(result, folder, g, args.video, info={"target": str(path), "seed": args.seed, "seconds": seconds})
         curve = result.losses["total"]
@@ -344,8 +381,9 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     from stylenat.editing import load_directions, render_edits, sefa_directions
     from stylenat.sampling import as_ws
 
+    _check_seed_options(args, args.seeds is not None)
     g = _load_generator(args)
-    ws = as_ws(g, _seeds_or_latents(g, args.seeds, args.latents, "--seeds"), args.trunc)
+    ws = as_ws(g, _seeds_or_latents(g, args.seeds, args.latents, "--seeds"), args.trunc, labels=args.cls)
     strengths = _float_list(args.strengths, "--strengths")
     layers = parse_ints(args.layers, "--layers") if args.layers else None
     if args.directions:
@@ -431,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", default="center", choices=["center", "none"],
                    help="center: cut the largest centred square; none: skip non-square images")
     p.add_argument("--labels", metavar="folders|none|FILE.csv",
-                   help="class labels: folders (one class per first-level folder), a CSV file with columns path,label, "
-                        "or none; default: StyleGAN's dataset.json in SRC when there is one")
+                   help="class labels: folders (one class per first-level folder, named after it), a CSV file with "
+                        "columns path,label (labels are class names), or none; default: StyleGAN's dataset.json in SRC "
+                        "when there is one (integer labels are class indices)")
     p.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
     p.set_defaults(func=_cmd_prepare)
 
@@ -443,13 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
                               "checkpoint and exit status 75 (a second signal stops at once); --resume continues it. "
                               "Exit status 3: stopped on a non-finite loss; 2: a user error.")
     p.add_argument("--preset", help="model and training preset: ffhq256, ffhq1024, church256, tiny, or a family sized "
-                                    "by --resolution or the data: ffhq (default), church")
-    p.add_argument("--resolution", type=int, help="image edge of a family preset (16..1024; default: the data's)")
+                                    "by --resolution or the data: ffhq (default), church; with --init it must describe "
+                                    "the model (default: none, the model's own config)")
+    p.add_argument("--resolution", type=int, help="image edge of a family preset (16..1024; default: the data's); "
+                                                  "with --init only the model's own size")
     p.add_argument("--data", help="dataset folder or zip, or 'demo' for the built-in faces")
     p.add_argument("--init", metavar="MODEL", help="fine-tune: start G, G_ema and D from a run directory, a model file or an "
                                                  "official .pt (with --preset or --meta); optimizers and counters start fresh")
     p.add_argument("--meta", metavar="META.json", help="configuration of an official --init checkpoint in official terms")
-    p.add_argument("--freeze-d", type=int, help="FreezeD: keep the first N discriminator blocks (from the input side) fixed")
+    p.add_argument("--freeze-d", type=int, help="FreezeD: keep the first N discriminator blocks (from the input side) fixed "
+                                                "(with --init, from a model that has a discriminator)")
     p.add_argument("--aug", choices=["none", "ada", "diffaug"], help="augment what D sees: ada (adaptive), diffaug, none (default)")
     p.add_argument("--aug-p", type=float, help="with --aug ada: a fixed augmentation probability instead of the adaptive one")
     p.add_argument("--cond", choices=["true", "false"], help="class-conditional training: default when the data has labels; "
@@ -487,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=50000, help="generated images, or images taken from the first set (default 50000)")
     p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth (default: $STYLENAT_INCEPTION, then the cache dir)")
     p.add_argument("--kid", action="store_true", help="also compute KID (100 subsets of 1000)")
-    p.add_argument("--resolution", type=int, help="side both sets are read at (default: the model's; needed for two image sets)")
+    p.add_argument("--resolution", type=int, help="side both sets are read at (default: the model's; needed for two image "
+                                                  "sets); a model's images at another size are Lanczos-resized to it")
     p.add_argument("--batch", type=int, default=32, help="images per forward (default 32)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default 0: in the main process)")
@@ -503,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="fid", help="comma-separated names, e.g. fid,kid,pr,swd (default fid)")
     p.add_argument("--num", type=int, help="images of the first set for every metric (default: each name's count; "
                                             "fid/kid/pr 50000, swd 10000)")
-    p.add_argument("--resolution", type=int, help="side both sets are read at (default: the model's; needed for two image sets)")
+    p.add_argument("--resolution", type=int, help="side both sets are read at (default: the model's; needed for two image "
+                                                  "sets); a model's images at another size are Lanczos-resized to it")
     p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth (default: $STYLENAT_INCEPTION, then the cache dir)")
     p.add_argument("--batch", type=int, default=32, help="images per forward (default 32)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
@@ -542,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", metavar="ROWSxCOLS", help="also write grid.png, e.g. 8x8")
     p.add_argument("--no-images", action="store_true", help="write only the grid")
     p.add_argument("--classes", action="store_true", help="class-conditional models: a grid.png with one row per class "
-                                                          "(columns: the seeds), and seed<N>-<class>.png files")
+                                                          "(columns: the seeds), and seed<N>-<class>.png files; "
+                                                          "every class, so not with --class")
     p.add_argument("--out", required=True, help="output folder (seed0000.png, ..., grid.png)")
     sampling_args(p)
     p.set_defaults(func=_cmd_generate)
@@ -592,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-lin", metavar="PATH", help="LPIPS v0.1 VGG lin weights (default: $STYLENAT_LPIPS, the cache dir)")
     p.add_argument("--video", choices=["gif", "mp4"], help="also write the optimisation beside the target as a video "
                                                           "(mp4 needs stylenat[video])")
+    p.add_argument("--class", dest="cls", metavar="N|NAME", help="class-conditional models (required for them): the "
+                                                                 "targets' class (index or name); the projection starts "
+                                                                 "from that class's mean w")
     p.set_defaults(func=_cmd_project)
 
     p = sub.add_parser("directions", help="SeFa latent directions (closed form, from the style weights) into a file")
@@ -608,8 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     sources.add_argument("--latents", "--latent", metavar="FILES", help="rows from latent files instead (comma-separated)")
     p.add_argument("--direction", type=int, default=0, help="direction index, by eigenvalue (default 0: the largest)")
     p.add_argument("--strengths", default="-3,-1.5,0,1.5,3",
-                   help="steps along the direction in w units (default -3,-1.5,0,1.5,3; a list starting with a minus "
-                        "needs the = form: --strengths=-2,2)")
+                   help="steps along the direction in w units (default -3,-1.5,0,1.5,3)")
     p.add_argument("--layers", help="ws indices to move, e.g. 0-3 (default: the --directions file's, else all); "
                                     "without --directions, SeFa of these")
     p.add_argument("--directions", metavar="FILE", help="directions from `stylenat directions` (default: SeFa computed here)")
@@ -650,9 +697,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value is a list of numbers that may start with a minus, e.g. --strengths -3,-1.5,0,1.5,3.
+NUMBER_LIST_OPTIONS = ("--strengths",)
+
+
+def attach_number_lists(argv: list[str]) -> list[str]:
+    """``argv`` with "--strengths -3,0,3" joined into "--strengths=-3,0,3".
+
+    argparse takes any value that starts with "-" (other than a single negative number) for an
+    option and fails with "expected one argument"; the "=" form is always read as the value. A
+    value counts when it starts with "-" and a digit or ".": no option looks like that. Tokens
+    after "--" are left alone.
+    """
+    import re
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            return out + argv[i:]
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if token in NUMBER_LIST_OPTIONS and re.match(r"-\.?\d", value):
+            out.append(f"{token}={value}")
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_number_lists(list(sys.argv[1:] if argv is None else argv)))
     debug = os.environ.get("STYLENAT_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)

@@ -11,6 +11,11 @@ perceptual distance + ``pixel_weight`` * MSE of the images in [-1, 1].
 Latent spaces: "w" optimises one w [style_dim] read by every layer; "w+" one latent per ws index
 [num_ws, style_dim], all starting at the mean w.
 
+Class-conditional models: the target's class (``label``) is required, and the mean w and w_std are
+those of that class (the same seeded z, all mapped with that label), so the optimisation starts at
+the class's mean image and its noise has the class's spread. The latent found is a w (or w+) like
+any other: it carries the class, and the synthesis network renders it without a label.
+
 Perceptual distances ("distance" argument):
 - "lpips": LPIPS v0.1 VGG16 (:mod:`stylenat.metrics.lpips`); its two weights files must be on disk
   (never downloaded). Images above 256 pixels are area-downsampled to 256 first, like StyleGAN2.
@@ -30,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +58,7 @@ __all__ = [
     "target_files",
     "save_projection",
     "w_stats",
+    "resolve_label",
     "psnr",
     "save_latent",
     "load_latent",
@@ -157,9 +164,15 @@ def load_target(source, resolution: int) -> Tensor:
     try:
         img = decode_image(path.read_bytes())
     except Exception as exc:  # Pillow raises many types for foreign, truncated or corrupt files
-        raise DataError(f"{path} is not a readable image ({type(exc).__name__}: {first_line(exc)}); "
+        raise DataError(f"{path} is not a readable image ({type(exc).__name__}: {_without_reprs(first_line(exc))}); "
                         "use a PNG, JPEG or another format Pillow reads") from None
     return pil_to_tensor(square_resize(img, resolution))
+
+
+def _without_reprs(text: str) -> str:
+    """``text`` without object reprs like ``<_io.BytesIO object at 0x7f...>``: Pillow names the
+    in-memory buffer it was given, which tells the user nothing (the message names the file)."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text).strip() or "unknown format"
 
 
 def target_files(path: str | os.PathLike) -> list[Path]:
@@ -208,6 +221,7 @@ class ProjectionResult:
         distance: the perceptual distance used, "lpips-vgg16" or "laplacian-pyramid".
         frames: images of the latent after every ``record_every`` steps, uint8 [F, 3, S, S], or None.
         frame_steps: the step (1-based) of each frame.
+        label: the class index the projection used (class-conditional models), else None.
     """
 
     latent: Tensor
@@ -220,6 +234,7 @@ class ProjectionResult:
     distance: str
     frames: Tensor | None = None
     frame_steps: list[int] = field(default_factory=list)
+    label: int | None = None
 
     @property
     def ws(self) -> Tensor:
@@ -227,13 +242,49 @@ class ProjectionResult:
         return self.latent if self.latent.ndim == 2 else self.latent[None].repeat(self.num_ws, 1)
 
 
+def resolve_label(g: nn.Module, label: int | str | None) -> int | None:
+    """The class index of ``label`` for a conditional ``g`` (None for an unconditional one).
+
+    ConfigError when a conditional model gets no label, an unconditional one gets one, or the
+    class does not exist.
+
+    Args:
+        g: a stylenat generator.
+        label: a class index or class name (see :func:`stylenat.sampling.class_index`), or None.
+    """
+    from stylenat.sampling import class_index
+
+    if not g.config.num_classes:
+        if label is not None:
+            raise ConfigError(f"this model is unconditional: it takes no class, got {label!r} "
+                              "(drop --class; Python: label=None)")
+        return None
+    if label is None:
+        raise ConfigError(f"this model is class-conditional ({g.config.num_classes} classes): give the class of "
+                          "the target (--class N or NAME; Python: label=...)")
+    return class_index(g, label)
+
+
 @torch.no_grad()
-def w_stats(g: nn.Module, samples: int = 10000, seed: int = W_STATS_SEED, batch: int = 1000) -> tuple[Tensor, float]:
-    """(mean w [style_dim], RMS distance of w from that mean) over ``samples`` z drawn with ``seed``."""
+def w_stats(g: nn.Module, samples: int = 10000, seed: int = W_STATS_SEED, batch: int = 1000,
+            label: int | str | None = None) -> tuple[Tensor, float]:
+    """(mean w [style_dim], RMS distance of w from that mean) over ``samples`` z drawn with ``seed``.
+
+    Args:
+        g: a stylenat generator.
+        samples: z drawn. seed: their seed. batch: z mapped per pass (memory only).
+        label: for a class-conditional model, the class (index or name) every z is mapped with:
+            the statistics are that class's. Required for such a model, refused for others.
+    """
+    index = resolve_label(g, label)
     gen = torch.Generator().manual_seed(seed)
     dev = g.w_avg.device
-    ws = torch.cat([g.mapping.embed(torch.randn(min(batch, samples - i), g.style_dim, generator=gen).to(dev))
-                    for i in range(0, samples, batch)]).double()
+    chunks = []
+    for i in range(0, samples, batch):
+        z = torch.randn(min(batch, samples - i), g.style_dim, generator=gen).to(dev)
+        c = None if index is None else torch.full((len(z),), index, dtype=torch.long, device=dev)
+        chunks.append(g.mapping.embed(z, c))
+    ws = torch.cat(chunks).double()
     avg = ws.mean(0)
     return avg.float(), float(((ws - avg).square().sum() / samples).sqrt())
 
@@ -291,6 +342,7 @@ def project(
     g: nn.Module,
     target,
     *,
+    label: int | str | None = None,
     steps: int = 1000,
     space: str = "w+",
     seed: int = 0,
@@ -303,6 +355,7 @@ def project(
     lr_rampdown: float = 0.25,
     lr_rampup: float = 0.05,
     w_avg_samples: int = 10000,
+    stats: tuple[Tensor, float] | None = None,
     record_every: int = 0,
     callback: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> ProjectionResult:
@@ -311,6 +364,8 @@ def project(
     Args:
         g: a stylenat generator, on the device to run on (its weights are not changed).
         target: uint8 tensor [3, S, S], a PIL image or an image path (see :func:`load_target`).
+        label: class-conditional models: the target's class (index or name), required; the start
+            point and noise scale are that class's (see the module docstring). None otherwise.
         steps: optimisation steps.
         space: "w" (one w for every layer) or "w+" (one latent per ws index).
         seed: seed of the latent noise; the result depends on it only (same seed, same result).
@@ -323,18 +378,23 @@ def project(
         lr_rampdown: fraction of the steps, at the end, of the cosine learning-rate ramp-down.
         lr_rampup: fraction of the steps, at the start, of the linear learning-rate ramp-up.
         w_avg_samples: z samples for the mean w and w_std.
+        stats: (mean w [style_dim], w_std) from ``w_stats(g, w_avg_samples, label=label)``, to reuse
+            them over many targets of one model and class (they take 10,000 mapping passes); None
+            computes them here.
         record_every: keep the latent's image every this many steps (0: no frames).
         callback: called after each step as callback(step, steps, {"total", "perceptual", "pixel"}).
     """
     _check_args(steps, space, lr, pixel_weight, w_avg_samples, record_every)
     settings = _Settings(steps, space, seed, pixel_weight, lr, noise_ramp, initial_noise, lr_rampdown, lr_rampup,
                          w_avg_samples, record_every)
+    index = resolve_label(g, label)  # before the target: a missing class fails before any work
     target_u8 = load_target(target, g.resolution)
     dist, dist_name, prep = _choose_distance(distance, lpips, g.w_avg.device)
+    w_avg, w_std = w_stats(g, w_avg_samples, label=index) if stats is None else _check_stats(g, stats)
     was_training = g.training
     g.eval()  # in train mode the mapping would move w_avg
     try:
-        latent, losses, frames, frame_steps = _optimise(g, target_u8, dist, prep, settings, callback)
+        latent, losses, frames, frame_steps = _optimise(g, target_u8, dist, prep, settings, w_avg, w_std, callback)
         with torch.no_grad():
             image = _render(g, latent)
     finally:
@@ -342,7 +402,20 @@ def project(
     latent = latent[0, 0] if space == "w" else latent[0]
     return ProjectionResult(latent=latent.cpu(), space=space, num_ws=g.num_ws, image=image, target=target_u8,
                             losses=losses, psnr=psnr(image, target_u8), distance=dist_name,
-                            frames=torch.stack(frames) if frames else None, frame_steps=frame_steps)
+                            frames=torch.stack(frames) if frames else None, frame_steps=frame_steps, label=index)
+
+
+def _check_stats(g: nn.Module, stats) -> tuple[Tensor, float]:
+    """``stats`` as (mean w [style_dim] on g's device, w_std float); ConfigError when they do not fit g."""
+    try:
+        avg, std = stats
+        avg, std = torch.as_tensor(avg, dtype=torch.float32), float(std)
+    except (TypeError, ValueError):
+        raise ConfigError("stats must be (mean w, w_std) as returned by w_stats") from None
+    if avg.shape != (g.style_dim,) or not math.isfinite(std) or std < 0:
+        raise ConfigError(f"stats must be (mean w [{g.style_dim}], w_std >= 0) from w_stats of this model, got "
+                          f"{list(avg.shape)} and {std}")
+    return avg.to(g.w_avg.device), std
 
 
 def _render(g: nn.Module, latent: Tensor) -> Tensor:
@@ -350,11 +423,10 @@ def _render(g: nn.Module, latent: Tensor) -> Tensor:
     return model_to_uint8(g.synthesis(latent.expand(1, g.num_ws, -1)), g.config)[0].cpu()
 
 
-def _optimise(g: nn.Module, target_u8: Tensor, dist: nn.Module, prep: Callable, s: _Settings,
-              callback) -> tuple[Tensor, dict[str, Tensor], list[Tensor], list[int]]:
-    """The optimisation loop: (latent [1, 1 or num_ws, D], losses, frames, frame steps)."""
+def _optimise(g: nn.Module, target_u8: Tensor, dist: nn.Module, prep: Callable, s: _Settings, w_avg: Tensor,
+              w_std: float, callback) -> tuple[Tensor, dict[str, Tensor], list[Tensor], list[int]]:
+    """The optimisation loop from w_avg: (latent [1, 1 or num_ws, D], losses, frames, frame steps)."""
     dev = g.w_avg.device
-    w_avg, w_std = w_stats(g, s.w_avg_samples)
     latent = w_avg.view(1, 1, -1).repeat(1, 1 if s.space == "w" else g.num_ws, 1).requires_grad_(True)
     opt = torch.optim.Adam([latent], lr=s.lr, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(s.seed)  # noise is drawn on the CPU so every device sees the same
@@ -418,7 +490,8 @@ def save_projection(result: ProjectionResult, folder: str | os.PathLike, g: nn.M
     save_latent(files["latent"], result.latent, g, result.space)
     save_image_grid(result.image[None], files["projected"], (1, 1))
     save_image_grid(torch.stack([result.target, result.image]), files["side_by_side"], (1, 2))
-    report = {"distance": result.distance, "space": result.space, "steps": len(result.losses["total"]),
+    cls = {} if result.label is None else {"class": result.label, "class_name": g.config.classes[result.label]}
+    report = {"distance": result.distance, "space": result.space, "steps": len(result.losses["total"]), **cls,
               "psnr_db": None if math.isinf(result.psnr) else result.psnr,  # JSON has no infinity
               **(info or {}), "losses": {name: curve.tolist() for name, curve in result.losses.items()}}
     with atomic_path(files["losses"]) as tmp:

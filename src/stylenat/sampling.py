@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -70,24 +71,41 @@ def _synthesize(g: nn.Module, ws: Tensor, batch: int) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, 3, g.resolution, g.resolution, dtype=torch.uint8)
 
 
-def class_index(g: nn.Module, value: int | str) -> int:
-    """The class index ``value`` names for a conditional generator: an index, or a class name."""
-    classes = g.config.classes
+def _plain_label(value) -> int | str:
+    """One class as a Python int (an index) or str (a name): ints, numpy integers and 0-d integer
+    tensors or arrays are indices; ConfigError for anything else (floats, bools, longer arrays)."""
+    if isinstance(value, str):
+        return str(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "tolist"):  # numpy scalar, 0-d array or tensor
+        value = value.tolist()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"a class is an index (an integer) or a class name, got {value!r}")
+    return int(value)
+
+
+def class_index(g: nn.Module, value) -> int:
+    """The class index ``value`` names for a conditional generator: an index (int, numpy integer or
+    0-d integer tensor), or a class name; a string of digits that is not a class name is an index."""
+    classes = list(g.config.classes)
     if not classes:
         raise ConfigError("this model is unconditional: it has no classes")
-    if isinstance(value, int) or str(value).strip().lstrip("-").isdigit() and str(value) not in classes:
-        index = int(value)
-        if not 0 <= index < len(classes):
-            raise ConfigError(f"class {index} does not exist: this model has classes 0-{len(classes) - 1}")
-        return index
+    value = _plain_label(value)
+    if isinstance(value, str) and value not in classes and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, int):
+        if not 0 <= value < len(classes):
+            hint = f" (to name the class {value!r}, pass it as a string)" if str(value) in classes else ""
+            raise ConfigError(f"class {value} does not exist: this model has classes 0-{len(classes) - 1}{hint}")
+        return value
     if value not in classes:
         shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
         raise ConfigError(f"unknown class {value!r}; this model's classes are: {shown}")
     return classes.index(value)
 
 
-def _labels(g: nn.Module, labels: int | Sequence[int] | None, n: int) -> Tensor | None:
-    """Class indices [n] for a conditional generator (one class for all, or one per image)."""
+def _labels(g: nn.Module, labels, n: int) -> Tensor | None:
+    """Class indices [n] for a conditional generator: one class for all (an index, a name, a numpy
+    integer or a 0-d tensor) or one per image (a sequence, 1-d tensor or array of them)."""
     if not g.config.num_classes:
         if labels is not None:
             raise ConfigError("this model is unconditional: it takes no class")
@@ -95,15 +113,19 @@ def _labels(g: nn.Module, labels: int | Sequence[int] | None, n: int) -> Tensor 
     if labels is None:
         raise ConfigError(f"this model is class-conditional ({g.config.num_classes} classes): choose a class "
                           "(--class N or NAME; Python: labels=...)")
-    c = torch.tensor([class_index(g, labels)] * n if isinstance(labels, (int, str)) else
-                     [class_index(g, v) for v in labels], dtype=torch.long)
+    if isinstance(labels, str) or getattr(labels, "ndim", 1) == 0 or not isinstance(labels, Iterable):
+        c = [class_index(g, labels)] * n
+    else:
+        if getattr(labels, "ndim", 1) != 1:
+            raise ConfigError(f"labels must be one class or one per image, got an array of shape {tuple(labels.shape)}")
+        c = [class_index(g, v) for v in labels]
     if len(c) != n:
         raise ConfigError(f"{len(c)} labels for {n} images")
-    return c.to(_device_of(g))
+    return torch.tensor(c, dtype=torch.long, device=_device_of(g))
 
 
 def seeds_to_w(g: nn.Module, seeds: Sequence[int], truncation_psi: float = 1.0,
-               labels: int | Sequence[int] | None = None) -> Tensor:
+               labels: int | str | Sequence[int | str] | Tensor | None = None) -> Tensor:
     """w [len(seeds), style_dim] of the seeds, truncated toward the mean w by ``truncation_psi`` (for
     a conditional model: toward the mean w of each image's class; ``labels``: one class or one per seed)."""
     with _eval_mode(g):
@@ -112,7 +134,7 @@ def seeds_to_w(g: nn.Module, seeds: Sequence[int], truncation_psi: float = 1.0,
 
 
 def as_ws(g: nn.Module, sources: Sequence[int] | Tensor, truncation_psi: float = 1.0,
-          labels: int | Sequence[int] | None = None) -> Tensor:
+          labels: int | str | Sequence[int | str] | Tensor | None = None) -> Tensor:
     """Latents ws [N, num_ws, style_dim] on g's device, from seeds or from latents.
 
     Args:
@@ -133,7 +155,7 @@ def as_ws(g: nn.Module, sources: Sequence[int] | Tensor, truncation_psi: float =
 
 
 def generate(g: nn.Module, seeds: Sequence[int], truncation_psi: float = 1.0, batch: int = 16,
-             labels: int | str | Sequence[int | str] | None = None) -> Tensor:
+             labels: int | str | Sequence[int | str] | Tensor | None = None) -> Tensor:
     """One image per seed: uint8 [len(seeds), 3, S, S].
 
     Args:
@@ -141,7 +163,9 @@ def generate(g: nn.Module, seeds: Sequence[int], truncation_psi: float = 1.0, ba
         seeds: integer seeds; the same seed gives the same image whatever the batch.
         truncation_psi: 1 = no truncation, 0 = every seed gives the mean image (w_avg, or its class's).
         batch: images per synthesis pass (memory only).
-        labels: for a class-conditional model: one class (index or name) for every seed, or one per seed.
+        labels: for a class-conditional model: one class for every seed, or one per seed; a class is an
+            index (int, numpy integer, integer tensor element) or a name; a sequence, 1-d tensor or
+            array gives one per seed.
     """
     return _synthesize(g, seeds_to_w(g, seeds, truncation_psi, labels), batch)
 

@@ -24,3 +24,16 @@ def model_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def g(model_file):
     return resolve_model(model_file, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def cond_g(g):
+    """A class-conditional tiny generator with two named classes, "cat" and "dog" (random weights)."""
+    from stylenat.models import build_generator
+
+    torch.manual_seed(1)
+    cond = build_generator(g.config.replace(num_classes=2, class_names=("cat", "dog"))).eval()
+    for p in cond.synthesis.to_rgbs.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    cond.compute_class_w_avg(n=16)
+    return cond

@@ -1,16 +1,21 @@
 """The explorer page in a real headless browser: Playwright driving the system's Chromium.
 
-Needs the python package playwright (pip install -e ".[dev,browser-tests]") and Chromium from
-the system's packages (apt-get install chromium); skipped when either is missing. Playwright's own
-browser download is not used: it launches /usr/bin/chromium (or $STYLENAT_CHROMIUM).
+Needs the python package playwright (in the dev extra: pip install -e ".[dev]") and Chromium from
+the system's packages (apt-get update && apt-get install chromium); skipped when either is missing.
+Playwright's own browser download is not used: it launches /usr/bin/chromium (or $STYLENAT_CHROMIUM).
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import shutil
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 pytest.importorskip("starlette", reason='the app extra is not installed: pip install "stylenat[app]"')
 pytest.importorskip("uvicorn", reason='the app extra is not installed: pip install "stylenat[app]"')
@@ -21,6 +26,7 @@ if not os.path.exists(CHROMIUM):
 
 from stylenat.app import Explorer  # noqa: E402
 from stylenat.app.server import BackgroundServer  # noqa: E402
+from stylenat.sampling import generate  # noqa: E402
 
 # No sandbox (root in a container), and no background traffic: the machine may have no network.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -43,8 +49,13 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, server):
+@pytest.fixture(scope="module")
+def cond_server(cond_g):
+    with BackgroundServer(Explorer(cond_g)) as running:
+        yield running
+
+
+def open_page(browser, server):
     """The explorer, loaded, with its first image shown; fails the test if the page asked any other host."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(TIMEOUT_MS)
@@ -58,6 +69,30 @@ def page(browser, server):
     assert not elsewhere, f"the page asked other hosts: {elsewhere}"
 
 
+@pytest.fixture
+def page(browser, server):
+    yield from open_page(browser, server)
+
+
+@pytest.fixture
+def cond_page(browser, cond_server):
+    """The explorer of the class-conditional model (classes "cat" and "dog")."""
+    yield from open_page(browser, cond_server)
+
+
+def pixels(data_url: str) -> torch.Tensor:
+    """A PNG data URL -> uint8 [3, H, W]."""
+    assert data_url.startswith("data:image/png;base64,")
+    png = base64.b64decode(data_url.split(",", 1)[1])
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB"))).permute(2, 0, 1)
+
+
+def png_upload(image: torch.Tensor, name: str = "face.png") -> dict:
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return {"name": name, "mimeType": "image/png", "buffer": buffer.getvalue()}
+
+
 def test_changing_the_seed_changes_the_image(page):
     before = page.get_attribute("#image", "src")
     page.click("#seed-next")
@@ -66,6 +101,58 @@ def test_changing_the_seed_changes_the_image(page):
     page.fill("#seed", "42")
     page.wait_for_selector("#image[data-seed='42']")
     assert "error" not in (page.get_attribute("#status", "class") or "")
+
+
+def test_the_seed_grid_shows_seeds_from_this_one_and_opens_a_clicked_one(page, g):
+    page.fill("#seed", "10")
+    page.wait_for_selector("#image[data-seed='10']")
+    page.fill("#grid-rows", "2")
+    page.fill("#grid-cols", "3")
+    page.click("#grid-show")
+    cells = page.locator("#grid button")
+    sync_api.expect(cells).to_have_count(6)
+    assert [cells.nth(i).get_attribute("title") for i in range(6)] == [f"seed {s}" for s in range(10, 16)]
+    shown = torch.stack([pixels(cells.nth(i).locator("img").get_attribute("src")) for i in range(6)])
+    assert torch.equal(shown, generate(g, range(10, 16), truncation_psi=0.7))  # the page's default ψ
+    # Three columns: the second row starts under the first cell.
+    first, fourth = cells.nth(0).bounding_box(), cells.nth(3).bounding_box()
+    assert fourth["x"] == first["x"] and fourth["y"] > first["y"]
+    cells.nth(4).click()
+    page.wait_for_selector("#image[data-seed='14']")
+    assert page.input_value("#seed") == "14"
+    assert torch.equal(pixels(page.get_attribute("#image", "src")), shown[4])
+
+
+def test_the_class_choice_changes_the_image(cond_page, cond_g):
+    page = cond_page
+    assert page.is_visible("#class-label")
+    assert page.locator("#class option").all_inner_texts() == ["cat", "dog"]
+    cat = page.get_attribute("#image", "src")
+    assert torch.equal(pixels(cat), generate(cond_g, [0], truncation_psi=0.7, labels="cat")[0])
+    page.select_option("#class", label="dog")
+    sync_api.expect(page.locator("#image")).not_to_have_attribute("src", cat)
+    dog = pixels(page.get_attribute("#image", "src"))
+    assert torch.equal(dog, generate(cond_g, [0], truncation_psi=0.7, labels="dog")[0])
+
+
+def test_unconditional_models_have_no_class_choice(page):
+    assert not page.is_visible("#class-label")
+
+
+def test_the_page_works_on_the_ipv6_loopback(browser, g):
+    """Served on [::1], the page's own requests pass the Host and Origin checks (both carry brackets)."""
+    import socket
+
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback (::1)")
+    with BackgroundServer(Explorer(g), host="::1") as running:
+        assert running.url.startswith("http://[::1]:")
+        for page in open_page(browser, running):  # the first image came from a POST by the page
+            page.click("#seed-next")
+            page.wait_for_selector("#image[data-seed='1']")
+            assert "error" not in (page.get_attribute("#status", "class") or "")
 
 
 def test_clicking_a_pixel_shows_each_head_groups_attention(page):
@@ -118,7 +205,9 @@ def test_editing_sliders_change_the_image(page):
     ({"name": "big.png", "mimeType": "image/png", "buffer": b"\0" * (10 * 2**20 + 1)},
      "the upload is too large (10.0 MB; the limit is 10 MB)"),
     ({"name": "notes.png", "mimeType": "image/png", "buffer": b"just some text"},
-     "the upload is not an image Pillow can read"),
+     "the upload is not a PNG, JPEG or WebP image; only those types are accepted"),
+    ({"name": "face.bmp", "mimeType": "image/bmp", "buffer": b"BM" + bytes(60)},
+     "the upload is not a PNG, JPEG or WebP image; only those types are accepted"),
 ])
 def test_bad_uploads_get_a_clear_message(page, upload, message):
     page.click("#tabs button[data-tab='project']")
@@ -129,17 +218,9 @@ def test_bad_uploads_get_a_clear_message(page, upload, message):
 
 
 def test_projection_shows_progress_and_offers_its_latent(page, g):
-    import io
-
-    from PIL import Image
-
-    from stylenat.sampling import generate
-
-    buffer = io.BytesIO()
-    Image.fromarray(generate(g, [9])[0].permute(1, 2, 0).numpy()).save(buffer, format="PNG")
     page.click("#tabs button[data-tab='project']")
     page.fill("#project-steps", "15")
-    page.set_input_files("#project-file", {"name": "face.png", "mimeType": "image/png", "buffer": buffer.getvalue()})
+    page.set_input_files("#project-file", png_upload(generate(g, [9])[0]))
     page.click("#project-start")
     page.wait_for_selector("#project-caption:has-text('PSNR')")
     assert "done: step 15 of 15" in page.inner_text("#project-text")
@@ -148,3 +229,41 @@ def test_projection_shows_progress_and_offers_its_latent(page, g):
     before = page.get_attribute("#edit-image", "src")
     page.select_option("#edit-latent select", "projected")
     sync_api.expect(page.locator("#edit-image")).not_to_have_attribute("src", before)
+
+
+def test_projection_progress_is_shown_part_way(page, g):
+    """The bar and the text move while the projection runs, not only at its end; Stop ends it."""
+    page.click("#tabs button[data-tab='project']")
+    page.fill("#project-steps", "1000")
+    page.set_input_files("#project-file", png_upload(generate(g, [4])[0]))
+    page.click("#project-start")
+    page.wait_for_function("() => { const v = document.getElementById('project-progress').value;"
+                           " return v > 0 && v < 1; }")
+    text = page.inner_text("#project-text")
+    assert text.startswith("running: step ") and " of 1000, loss " in text
+    step = int(text.split()[2])
+    assert 0 < step < 1000
+    page.click("#project-stop")
+    page.wait_for_selector("#status.error")
+    assert page.inner_text("#status") == "projection stopped"
+    assert 0 < page.eval_on_selector("#project-progress", "p => p.value") < 1
+
+
+def test_projection_on_a_conditional_model_uses_the_chosen_class(cond_page, cond_g):
+    from stylenat.app.explorer import Limits, decode_upload
+    from stylenat.projection import project
+
+    page = cond_page
+    upload = png_upload(generate(cond_g, [9], labels="dog")[0])
+    page.select_option("#class", label="dog")
+    page.click("#tabs button[data-tab='project']")
+    page.fill("#project-steps", "8")
+    page.set_input_files("#project-file", upload)
+    page.click("#project-start")
+    page.wait_for_selector("#project-caption:has-text('PSNR')")
+    assert "done: step 8 of 8" in page.inner_text("#project-text")
+    assert "error" not in (page.get_attribute("#status", "class") or "")
+    target = decode_upload(upload["buffer"], Limits())
+    as_dog, as_cat = (project(cond_g, target, label=label, steps=8) for label in ("dog", "cat"))
+    assert not torch.equal(as_dog.image, as_cat.image)
+    assert torch.equal(pixels(page.get_attribute("#project-image", "src")), as_dog.image)

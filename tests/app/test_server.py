@@ -6,11 +6,15 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
+import socket
+import struct
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from importlib.resources import files
 from types import SimpleNamespace
 
@@ -23,19 +27,29 @@ pytest.importorskip("starlette", reason='the app extra is not installed: pip ins
 pytest.importorskip("uvicorn", reason='the app extra is not installed: pip install "stylenat[app]"')
 
 from stylenat.app import Explorer, Limits  # noqa: E402
-from stylenat.app.explorer import Busy, FairLock, class_names, decode_upload, layer_groups  # noqa: E402
+from stylenat.app.explorer import (  # noqa: E402
+    Busy, FairLock, ProjectionJob, class_names, decode_upload, layer_groups)
 from stylenat.app.server import BackgroundServer, encode_latent  # noqa: E402
 from stylenat.cli import main  # noqa: E402
 from stylenat.editing import edit, render, sefa_directions  # noqa: E402
 from stylenat.errors import DataError  # noqa: E402
+from stylenat.projection import ProjectionResult, project  # noqa: E402
 from stylenat.sampling import as_ws, generate, interpolate, style_mix  # noqa: E402
 
 SIZE = 32  # the tiny preset
+NOT_ACCEPTED = "the upload is not a PNG, JPEG or WebP image; only those types are accepted"
 
 
 @pytest.fixture(scope="module")
 def server(g):
     with BackgroundServer(Explorer(g)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def cond_server(cond_g):
+    """The explorer of a class-conditional model (classes "cat" and "dog")."""
+    with BackgroundServer(Explorer(cond_g)) as running:
         yield running
 
 
@@ -58,14 +72,36 @@ def pixels(data_url: str) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB"))).permute(2, 0, 1)
 
 
-def png_bytes(image: torch.Tensor) -> bytes:
+def png_bytes(image: torch.Tensor, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A 70-byte PNG whose header says width x height (1-bit grey); its pixel data is not all there."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+        return True
+    except OSError:
+        return False
 
 
 def ws_field(g, seed: int) -> dict:
     return {"ws": encode_latent(as_ws(g, [seed])[0])}
+
+
+def latent_of(text: str, g) -> torch.Tensor:
+    """A latent as the API sends it (base64 float32) -> ws [num_ws, style_dim]."""
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype="<f4").copy()).view(g.num_ws, g.style_dim)
 
 
 # ---- the page --------------------------------------------------------------------------------------
@@ -106,6 +142,52 @@ def test_foreign_host_header_is_refused(server):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req)
     assert err.value.code == 400
+
+
+@pytest.mark.parametrize("host, status", [
+    ("[::1]:{port}", 200), ("[::1]", 200), ("[0:0:0:0:0:0:0:1]:{port}", 200), ("LOCALHOST:{port}", 200),
+    ("127.0.0.1", 200), ("evil.example:{port}", 400), ("[::2]:{port}", 400), ("127.0.0.1:99999", 400),
+    ("127.0.0.1@evil.example", 400), ("[::1", 400), ("", 400),
+])
+def test_host_header_names_are_compared_without_port_and_brackets(server, host, status):
+    """A loopback server answers to its names with any port, IPv6 in brackets included (Starlette's
+    TrustedHostMiddleware split "[::1]:port" at the first ':' and refused it)."""
+    port = server.url.rsplit(":", 1)[1]
+    code, answer = call(server, "/api/info", headers={"Host": host.format(port=port)})
+    assert code == status
+    if status == 400:
+        assert "does not answer to the Host" in answer["error"]
+
+
+@pytest.mark.parametrize("bind", ["::1", "[::1]"])
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_serving_on_the_ipv6_loopback(g, bind):
+    with BackgroundServer(Explorer(g), host=bind) as running:
+        assert re.fullmatch(r"http://\[::1\]:\d+", running.url)
+        status, info = call(running, "/api/info")  # urllib sends Host: [::1]:port
+        assert status == 200 and info["resolution"] == SIZE
+        # What the browser sends from the page: a POST with its own origin.
+        status, answer = call(running, "/api/image", {"latent": {"seed": 3}}, {"Origin": running.url})
+        assert status == 200 and torch.equal(pixels(answer["image"]), generate(g, [3])[0])
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://localhost:{port}",
+                                    "https://127.0.0.1:{port}", "http://127.0.0.1:{other}", "http://127.0.0.1"])
+def test_requests_from_other_origins_are_refused(server, origin):
+    """A page on another site (or another port, scheme or host name) cannot use the model."""
+    port = int(server.url.rsplit(":", 1)[1])
+    origin = origin.format(port=port, other=port + 1)
+    for path, body in [("/api/image", {"latent": {"seed": 1}}), ("/api/project?steps=5", b"\x89PNG"),
+                       ("/api/info", None)]:
+        status, answer = call(server, path, body, {"Origin": origin})
+        assert status == 403, path
+        assert answer["error"] == f"requests from pages of other origins are refused (Origin {origin!r})"
+
+
+def test_requests_from_the_page_itself_or_without_origin_are_served(server):
+    for headers in ({"Origin": server.url}, {"Origin": server.url.upper().replace("HTTP", "http")}, {}):
+        status, _ = call(server, "/api/image", {"latent": {"seed": 1}}, headers)
+        assert status == 200, headers
 
 
 # ---- every endpoint against the library ------------------------------------------------------------
@@ -222,15 +304,60 @@ def test_uploads_are_limited_in_size_and_type(server, g):
     status, answer = call(server, "/api/project?steps=5", b"\0" * (10 * 2**20 + 1))
     assert status == 413 and answer["error"] == "the upload is too large (10.0 MB; the limit is 10 MB)"
     status, answer = call(server, "/api/project?steps=5", b"%PDF-1.4 certainly not an image")
-    assert status == 415 and "not an image Pillow can read" in answer["error"]
+    assert status == 415 and answer["error"] == NOT_ACCEPTED
     status, answer = call(server, "/api/project?steps=5000", png_bytes(generate(g, [1])[0]))
     assert status == 400 and "1-1000 steps" in answer["error"]
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "GIF", "PPM", "ICO"])
+def test_only_png_jpeg_and_webp_uploads_are_decoded(server, g, fmt):
+    """Images Pillow could read in other formats are refused before any of their readers runs."""
+    data = png_bytes(generate(g, [1])[0], fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # Pillow itself would open it
+    status, answer = call(server, "/api/project?steps=5", data)
+    assert status == 415 and answer["error"] == NOT_ACCEPTED
+
+
+def test_eps_uploads_never_reach_ghostscript(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: pytest.fail("Ghostscript was called"))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    with pytest.raises(DataError, match="not a PNG, JPEG or WebP image"):
+        decode_upload(eps, Limits())
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_png_jpeg_and_webp_uploads_are_decoded(g, fmt):
+    image = generate(g, [1])[0]
+    decoded = torch.from_numpy(np.array(decode_upload(png_bytes(image, fmt), Limits()))).permute(2, 0, 1)
+    assert decoded.shape == (3, SIZE, SIZE)
+    if fmt == "PNG":
+        assert torch.equal(decoded, image)
+    else:  # lossy: close, not equal
+        assert (decoded.float() - image.float()).abs().mean() < 30
+
+
+def test_damaged_uploads_get_a_clear_message(g):
+    data = png_bytes(generate(g, [1])[0])
+    message = r"^the upload is a damaged PNG file .*\(OSError\); upload a PNG, JPEG or WebP file$"
+    with pytest.raises(DataError, match=message):
+        decode_upload(data[: len(data) // 2], Limits())
 
 
 def test_decoded_size_is_limited_before_decoding(g):
     with pytest.raises(DataError, match="64x64 pixels; the limit is 1,000 pixels"):
         decode_upload(png_bytes(torch.zeros(3, 64, 64, dtype=torch.uint8)), Limits(max_upload_pixels=1000))
     assert decode_upload(png_bytes(generate(g, [1])[0]), Limits()).size == (SIZE, SIZE)
+
+
+def test_images_past_pillows_bomb_threshold_get_the_pixel_limit_message(server):
+    """20000x20000 in 70 bytes: beyond Pillow's own decompression-bomb error, which must not be what the user sees."""
+    data = huge_png_header(20000, 20000)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    status, answer = call(server, "/api/project?steps=5", data)
+    assert status == 415 and answer["error"] == "the image is 20000x20000 pixels; the limit is 40,000,000 pixels"
 
 
 # ---- projection jobs ---------------------------------------------------------------------------------
@@ -255,6 +382,56 @@ def test_projection_reports_progress_and_returns_a_usable_latent(server, g):
     assert state["psnr"] > 10
     _, again = call(server, "/api/image", {"latent": {"ws": state["latent"]}})
     assert torch.equal(pixels(again["image"]), pixels(state["image"]))
+
+
+def test_projection_on_a_conditional_model_searches_the_chosen_class(cond_server, cond_g):
+    """The page sends the class chosen in its header; the job projects into that class."""
+    data = png_bytes(generate(cond_g, [5], labels="dog")[0])
+    status, job = call(cond_server, "/api/project?steps=6&class=1", data)
+    assert status == 200, job
+    state = wait_for_job(cond_server, job["job"])
+    assert state["state"] == "done" and state["step"] == 6, state
+    target = decode_upload(data, Limits())
+    as_dog, as_cat = (project(cond_g, target, label=label, steps=6) for label in ("dog", "cat"))
+    assert not torch.allclose(as_dog.ws, as_cat.ws, atol=1e-3)  # the class matters, so this test can tell
+    assert torch.allclose(latent_of(state["latent"], cond_g), as_dog.ws, atol=1e-5)
+    assert torch.equal(pixels(state["image"]), as_dog.image)
+
+
+@pytest.mark.parametrize("query, message", [
+    ("steps=5", "this model is class-conditional: give the target's class (an index in 0-1)"),
+    ("steps=5&class=2", "class must be an index in 0-1, got 2"),
+    ("steps=5&class=dog", "class must be an integer, got 'dog'"),
+])
+def test_projection_on_a_conditional_model_needs_a_valid_class(cond_server, cond_g, query, message):
+    status, answer = call(cond_server, f"/api/project?{query}", png_bytes(generate(cond_g, [5], labels=0)[0]))
+    assert status == 400 and answer["error"] == message
+
+
+def test_projection_on_an_unconditional_model_takes_no_class(server, g):
+    status, answer = call(server, "/api/project?steps=5&class=0", png_bytes(generate(g, [5])[0]))
+    assert status == 400 and "not class-conditional" in answer["error"]
+
+
+def test_projection_status_with_numbers_json_cannot_hold(server, g):
+    """A perfect reconstruction has PSNR inf and a loss can be NaN: the status is still valid JSON."""
+    image = generate(g, [5])[0]
+    result = ProjectionResult(latent=as_ws(g, [5])[0], space="w+", num_ws=g.num_ws, image=image, target=image,
+                              losses={}, psnr=math.inf, distance="laplacian-pyramid")
+    job = ProjectionJob(id="00ff00ff00ff00ff", steps=3, step=3, loss=math.nan, state="done", result=result)
+    previous, server.explorer.job = server.explorer.job, job
+    try:
+        with urllib.request.urlopen(f"{server.url}/api/project/{job.id}") as res:
+            text = res.read().decode()
+
+        def refuse(token):
+            raise AssertionError(f"not JSON: {token}")
+
+        state = json.loads(text, parse_constant=refuse)
+    finally:
+        server.explorer.job = previous
+    assert (state["psnr"], state["loss"], state["state"]) == ("inf", "nan", "done")
+    assert torch.equal(pixels(state["image"]), image)
 
 
 def test_projection_can_be_stopped_and_one_runs_at_a_time(server, g):
@@ -352,16 +529,9 @@ def test_layer_groups_follow_stylegan_bands_or_thirds():
     assert layer_groups(SimpleNamespace(num_ws=4, resolution=8)) == {"coarse": [0, 1], "middle": [2, 3]}
 
 
-def test_a_conditional_model_draws_the_chosen_class(g):
-    from stylenat.models import build_generator
-
+def test_a_conditional_model_draws_the_chosen_class(g, cond_g):
     assert class_names(g) == [] and Explorer(g).info()["classes"] == []
-    cfg = g.config.replace(num_classes=2, class_names=("cat", "dog"))
-    torch.manual_seed(1)
-    cond = build_generator(cfg).eval()
-    for p in cond.synthesis.to_rgbs.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    cond.compute_class_w_avg(n=16)
+    cond = cond_g
     explorer = Explorer(cond)
     assert explorer.info()["classes"] == ["cat", "dog"]
     assert torch.equal(explorer.image(3, psi=0.5, cls=1), generate(cond, [3], truncation_psi=0.5, labels="dog")[0])

@@ -60,17 +60,107 @@ def test_stylegan_dataset_json_is_read_by_default(folders, tmp_path):
     assert open_dataset(tmp_path / "plain", S).num_classes == 0 and not isinstance(open_dataset(tmp_path / "plain", S)[0], tuple)
 
 
-def test_csv_with_names_and_with_indices(folders, tmp_path):
+def test_csv_labels_are_class_names_even_when_they_are_digits(folders, tmp_path):
     names = tmp_path / "names.csv"
     names.write_text("path,label,comment\ncat/c0.png,tabby,x\ncat/c1.png,siamese,y\ndog/d0.png,tabby,z\n")
     prepare_dataset(folders, tmp_path / "a", S, labels=names, progress=False)
     assert dataset_classes(tmp_path / "a") == ["siamese", "tabby"]
     assert sorted(_items(tmp_path / "a")) == [(10, 1), (11, 0), (200, 1)]
-    indices = tmp_path / "indices.csv"
-    indices.write_text("label,path\n3,cat/c0.png\n0,./cat/c1.png\n1,dog/d0.png\n")
-    prepare_dataset(folders, tmp_path / "b", S, labels=indices, progress=False)
-    assert dataset_classes(tmp_path / "b") == ["0", "1", "2", "3"]
-    assert sorted(_items(tmp_path / "b")) == [(10, 3), (11, 0), (200, 1)]
+    digits = tmp_path / "digits.csv"  # names, not indices: no empty classes "1", "2", ... and "07" stays "07"
+    digits.write_text("label,path\n10,cat/c0.png\n07,./cat/c1.png\n2,dog/d0.png\n")
+    prepare_dataset(folders, tmp_path / "b", S, labels=digits, progress=False)
+    assert dataset_classes(tmp_path / "b") == ["2", "07", "10"]  # digit runs compare as numbers
+    assert sorted(_items(tmp_path / "b")) == [(10, 2), (11, 1), (200, 0)]
+
+
+@pytest.mark.parametrize(("names", "classes"), [(["10", "20"], ["10", "20"]), (["01", "02"], ["01", "02"]),
+                                                (["10", "2"], ["2", "10"]), (["b2", "b10", "a"], ["a", "b2", "b10"])])
+def test_class_folders_with_digit_names_keep_their_names(tmp_path, names, classes):
+    for i, name in enumerate(names):
+        _image(tmp_path / "src" / name / "x.png", 10 * i)
+    prepare_dataset(tmp_path / "src", tmp_path / "out", S, labels="folders", progress=False)
+    assert dataset_classes(tmp_path / "out") == classes  # as many classes as folders, none empty
+    ds = open_dataset(tmp_path / "out", S)
+    assert {classes[label]: int(image[0, 0, 0]) for image, label in ds} == {name: 10 * i for i, name in enumerate(names)}
+
+
+def test_dataset_json_integers_are_indices_and_strings_names(folders, tmp_path):
+    (folders / "dataset.json").write_text(json.dumps({"labels": [["cat/c0.png", 3], ["cat/c1.png", 0], ["dog/d0.png", 3]]}))
+    assert dataset_classes(folders) == ["0", "1", "2", "3"]  # StyleGAN: an index names the class, used or not
+    assert sorted((int(x[0, 0, 0]), y) for x, y in open_dataset(folders, S)) == [(10, 3), (11, 0), (200, 3)]
+    (folders / "dataset.json").write_text(json.dumps({"labels": [["cat/c0.png", "20"], ["cat/c1.png", "10"],
+                                                                 ["dog/d0.png", "20"]]}))
+    assert dataset_classes(folders) == ["10", "20"]
+    assert sorted((int(x[0, 0, 0]), y) for x, y in open_dataset(folders, S)) == [(10, 1), (11, 0), (200, 1)]
+
+
+def _one_line_prepare_error(capsys, src, dst, *extra) -> str:
+    assert main(["prepare", str(src), str(dst), "--size", str(S), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("stylenat prepare: error:") and not dst.exists()
+    return err
+
+
+def test_csv_rows_without_a_label_are_named(folders, tmp_path, capsys):
+    csv = tmp_path / "l.csv"
+    csv.write_text("path,label\ncat/c0.png,a\ncat/c1.png\ndog/d0.png,b\n")  # line 3 has no label column
+    with pytest.raises(DataError, match=r"l.csv has 1 row\(s\) without a path or a label: line 3"):
+        prepare_dataset(folders, tmp_path / "o1", S, labels=csv, progress=False)
+    csv.write_text("path,label\ncat/c0.png,a\ncat/c1.png,  \ndog/d0.png,\n")  # empty label cells
+    err = _one_line_prepare_error(capsys, folders, tmp_path / "o2", "--labels", str(csv))
+    assert "l.csv has 2 row(s) without a path or a label: line 3, line 4" in err
+    csv.write_text("path,label\n,a\ncat/c0.png,a\ncat/c1.png,a\ndog/d0.png,b\n")  # an empty path
+    assert "without a path or a label: line 2" in _one_line_prepare_error(capsys, folders, tmp_path / "o3", "--labels", str(csv))
+
+
+def test_a_file_labelled_twice_is_an_error_in_csv_and_dataset_json(folders, tmp_path, capsys):
+    csv = tmp_path / "l.csv"
+    csv.write_text("path,label\ncat/c0.png,a\ncat/c1.png,a\n./cat/c0.png,b\ndog/d0.png,b\n")
+    err = _one_line_prepare_error(capsys, folders, tmp_path / "o1", "--labels", str(csv))
+    assert "l.csv labels 1 file(s) more than once: cat/c0.png (line 2, line 4)" in err
+    entries = [["cat/c0.png", 0], ["cat/c1.png", 0], ["dog/d0.png", 1], ["cat/c1.png", 1]]
+    (folders / "dataset.json").write_text(json.dumps({"labels": entries}))
+    err = _one_line_prepare_error(capsys, folders, tmp_path / "o2")
+    assert "dataset.json labels 1 file(s) more than once: cat/c1.png (entry 2, entry 4)" in err
+    with pytest.raises(DataError, match="more than once"):
+        open_dataset(folders, S)  # the raw folder, read for training, says the same
+
+
+@pytest.mark.parametrize("label", ["", "  ", 1.5, True, None, [0, 1]])
+def test_dataset_json_labels_that_are_not_a_class(folders, tmp_path, capsys, label):
+    entries = [["cat/c0.png", "a"], ["cat/c1.png", "a"], ["dog/d0.png", label]]
+    (folders / "dataset.json").write_text(json.dumps({"labels": entries}))
+    err = _one_line_prepare_error(capsys, folders, tmp_path / "out")
+    assert "dataset.json has 1 " in err and "dog/d0.png" in err
+    assert "empty label" in err if isinstance(label, str) else repr(label) in err
+
+
+def test_dataset_json_mixing_indices_and_names(folders, tmp_path, capsys):
+    (folders / "dataset.json").write_text(json.dumps({"labels": [["cat/c0.png", 0], ["cat/c1.png", "a"], ["dog/d0.png", 1]]}))
+    assert "not a mix of both" in _one_line_prepare_error(capsys, folders, tmp_path / "out")
+
+
+def test_dataset_json_that_is_not_json(folders, tmp_path, capsys):
+    (folders / "dataset.json").write_text('{"labels": [["cat/c0.png", 0],')
+    err = _one_line_prepare_error(capsys, folders, tmp_path / "out")
+    assert "dataset.json is not valid JSON" in err and str(folders) in err
+    for read in (lambda: open_dataset(folders, S), lambda: dataset_classes(folders)):
+        with pytest.raises(DataError, match="dataset.json is not valid JSON"):
+            read()
+    assert main(["train", "--preset", "tiny", "--data", str(folders), "--resolution", "16", "--steps", "1",
+                 "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("stylenat train: error:") and "dataset.json is not valid JSON" in err
+
+
+def test_re_preparing_a_prepared_dataset_keeps_its_labels(folders, tmp_path, capsys):
+    prepare_dataset(folders, tmp_path / "first", S, labels="folders", progress=False)
+    prepare_dataset(tmp_path / "first", tmp_path / "again", S, progress=False)
+    assert dataset_classes(tmp_path / "again") == ["cat", "dog"]
+    assert sorted(_items(tmp_path / "again")) == sorted(_items(tmp_path / "first"))
+    _image(tmp_path / "first" / "extra.png", 77)  # a file added to the prepared dataset has no label there
+    err = _one_line_prepare_error(capsys, tmp_path / "first", tmp_path / "again2")
+    assert "has no label for 1 image(s) added to it: extra.png" in err
 
 
 def test_unreadable_images_drop_their_labels(folders, tmp_path):

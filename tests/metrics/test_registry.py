@@ -15,6 +15,7 @@ from stylenat.metrics.distances import frechet_distance
 from stylenat.metrics.precision_recall import precision_recall
 from stylenat.metrics.registry import MetricSpec, measure, parse_metric
 from stylenat.metrics.swd import swd_from_images
+from tests.metrics.conftest import channel_moments_np as channel_moments
 
 
 @pytest.mark.parametrize("name, spec", [
@@ -72,7 +73,52 @@ def test_cli_metrics_prints_one_line_each_and_writes_json(tmp_path, image_writer
 def test_cli_metrics_without_inception_weights(tmp_path, image_writer, capsys, monkeypatch):
     image_writer(tmp_path / "a", 4, size=16)
     assert main(["metrics", str(tmp_path / "a"), str(tmp_path / "a"), "--metrics", "pr", "--resolution", "16"]) == 2
-    assert "Inception weights not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # The message names the metric asked for, not FID.
+    assert "Inception weights not found" in err and "precision/recall (pr) needs" in err and "FID" not in err
+    assert main(["metrics", str(tmp_path / "a"), str(tmp_path / "a"), "--metrics", "swd,kid,pr", "--resolution", "16"]) == 2
+    assert "KID and precision/recall (pr) need pt_inception" in capsys.readouterr().err
+    assert main(["metrics", str(tmp_path / "a"), str(tmp_path / "a"), "--metrics", "fid", "--resolution", "16"]) == 2
+    assert "FID needs pt_inception" in capsys.readouterr().err
+
+
+def test_train_metrics_without_inception_weights_names_the_metric(tmp_path, capsys):
+    from tests.train.helpers import MICRO
+
+    assert main(["train", *MICRO, "--steps", "1", "--metrics", "pr50", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "precision/recall (pr) needs" in err and "FID" not in err
+
+
+def test_a_generator_is_read_at_the_asked_resolution_like_the_real_images(tmp_path, image_writer, stand_in_inception, capsys):
+    """--resolution R other than the model's: both sets are compared at R, the generated images
+    Lanczos-resized to R as raw real images are (not an error from inside the SWD code)."""
+    from PIL import Image
+
+    from stylenat.models import GeneratorConfig, build_generator, save_model
+    from stylenat.sampling import generate
+
+    g_cfg = GeneratorConfig(resolution=16, channels=(16, 16, 16), heads=(2, 2, 2), kernels=((4,), (5,), (5,)),
+                            dilations=((1,), (1,), (1,)), style_dim=16, n_mlp=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        g = build_generator(g_cfg).eval()
+    model = save_model(tmp_path / "g16.safetensors", {"g_ema": g}, g_cfg)
+    real = image_writer(tmp_path / "real", 8, size=32, seed=5)
+    values = measure(model, tmp_path / "real", ["swd", "fid"], num=8, resolution=32, batch=3, progress=False)
+    # The oracle: the model's images for seeds 0..7, resized with PIL's Lanczos directly.
+    fake = [np.asarray(Image.fromarray(x).resize((32, 32), Image.Resampling.LANCZOS))
+            for x in generate(g, range(8)).permute(0, 2, 3, 1).numpy()]
+    swd = swd_from_images(_images(fake), _images(real))
+    assert values["swd"] == pytest.approx(swd["swd_avg"], rel=1e-6) and {"swd_32", "swd_16"} <= values.keys()
+    f, r = channel_moments(fake), channel_moments(real)
+    fid = frechet_distance(f.mean(0), np.cov(f, rowvar=False), r.mean(0), np.cov(r, rowvar=False))
+    assert values["fid"] == pytest.approx(fid, rel=1e-9)
+    # Down too, and through the command line.
+    assert measure(model, tmp_path / "real", ["swd"], num=8, resolution=16, progress=False)["swd"] > 0
+    assert main(["metrics", str(model), str(tmp_path / "real"), "--metrics", "swd", "--num", "8", "--resolution", "32",
+                 "--out", str(tmp_path / "m.json")]) == 0
+    assert capsys.readouterr().out.startswith(f"swd {values['swd']:.4f}")
 
 
 def test_generator_against_data(tmp_path, image_writer):

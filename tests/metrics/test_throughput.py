@@ -74,3 +74,13 @@ def test_cli_bench_preset(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["model"] == "tiny" and report["results"][0]["iters"] == 1
     assert "img/s" in capsys.readouterr().out
+
+
+def test_benchmark_of_a_conditional_model_passes_its_classes():
+    from stylenat.models import get_preset
+
+    g = build_generator(get_preset("tiny")[0].replace(num_classes=3))
+    seen = []
+    g.mapping.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("c")), with_kwargs=True)
+    benchmark(g, batches=[4], warmup=1, iters=1, progress=False)
+    assert len(seen) == 2 and all(c is not None and c.tolist() == [0, 1, 2, 0] for c in seen)

@@ -1,14 +1,16 @@
-"""Class-conditional G and D: zero classes change nothing; labels pick the image; truncation moves
-toward each class's mean w; D's projection term against its closed form."""
+"""Class-conditional G and D: zero classes change nothing; labels pick the image (given as ints, names,
+numpy integers or tensors); mixing and interpolation by class; truncation moves toward each class's
+mean w; D's projection term against its closed form."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from stylenat.models import build_discriminator, build_generator, get_preset, save_model, seeds_to_z
+from stylenat.models import build_discriminator, build_generator, get_preset, model_to_uint8, save_model, seeds_to_z
 from stylenat.models.io import load_model
-from stylenat.sampling import generate
+from stylenat.sampling import generate, interpolate, style_mix
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,53 @@ def test_labels_pick_the_image(g):
         generate(g, [5], labels="wolf")
 
 
+def _forward(g, seeds, labels):
+    """The generator's own forward z, c -> image: the oracle of the sampling functions."""
+    with torch.no_grad():
+        return model_to_uint8(g(seeds_to_z(seeds, g.style_dim), c=torch.as_tensor(labels)), g.config)
+
+
+@pytest.mark.parametrize("labels", [[0, 2], ("cat", "fox"), torch.tensor([0, 2]), np.array([0, 2]), [np.int64(0), np.int32(2)],
+                                    [torch.tensor(0), torch.tensor(2)], ["0", "fox"]])
+def test_labels_as_tensors_numpy_and_sequences(g, labels):
+    assert torch.equal(generate(g, [5, 6], labels=labels), _forward(g, [5, 6], [0, 2]))
+
+
+@pytest.mark.parametrize("label", [1, "dog", "1", np.int64(1), np.uint8(1), torch.tensor(1), np.array(1), torch.tensor([1])[0]])
+def test_one_label_for_every_seed_in_any_form(g, label):
+    assert torch.equal(generate(g, [5, 6], labels=label), _forward(g, [5, 6], [1, 1]))
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    (torch.tensor([0.0, 1.0]), "a class is an index"), (1.0, "a class is an index"), (True, "a class is an index"),
+    (np.float64(1), "a class is an index"), (torch.zeros(2, 1, dtype=torch.long), r"one class or one per image, got an array of shape \(2, 1\)"),
+    ([0, 1, 2], "3 labels for 2 images"), (np.int64(3), "class 3 does not exist: this model has classes 0-2"),
+    (torch.tensor([0, -1]), "class -1 does not exist")])
+def test_labels_that_are_not_classes(g, labels, message):
+    with pytest.raises(ValueError, match=message):
+        generate(g, [5, 6], labels=labels)
+
+
+def test_mix_and_interpolate_by_class(g):
+    with torch.no_grad():
+        w = g.mapping(seeds_to_z([1, 2, 3], g.style_dim), c=torch.full((3,), 2))  # class "fox"
+    grid = style_mix(g, [1, 2], [3], [0, 1, 2], labels="fox")
+    ws = w[:2, None].repeat(1, g.num_ws, 1)
+    ws[:, :3] = w[2]
+    with torch.no_grad():
+        mixed = model_to_uint8(g.synthesis(ws), g.config)
+    assert torch.equal(grid[1:, 1], mixed) and torch.equal(grid[1:, 0], _forward(g, [1, 2], [2, 2]))
+    assert torch.equal(grid[0, 1], _forward(g, [3], [2])[0])
+    assert not torch.equal(grid[0, 1], _forward(g, [3], [0])[0])  # the class matters
+    frames = interpolate(g, [1, 2], 2, loop=False, labels=np.int64(2))
+    assert torch.equal(frames[0], _forward(g, [1], [2])[0]) and torch.equal(frames[2], _forward(g, [2], [2])[0])
+    with torch.no_grad():
+        mid = model_to_uint8(g.synthesis(((w[0] + w[1]) / 2).expand(1, g.num_ws, -1)), g.config)[0]
+    assert (frames[1].int() - mid.int()).abs().max() <= 1  # lerp and mean may round the last bit apart
+    z_frames = interpolate(g, [1, 2], 2, loop=False, space="z", labels="fox")  # each frame mapped with the class
+    assert (z_frames[0].int() - _forward(g, [1], [2])[0].int()).abs().max() <= 1
+
+
 def test_class_mean_w_is_the_mean_over_the_class_seeded_latents(g):
     z = seeds_to_z(range(64), g.style_dim)
     for k in range(3):
@@ -51,8 +100,6 @@ def test_class_mean_w_is_the_mean_over_the_class_seeded_latents(g):
     # psi = 0: every seed gives its class's mean image.
     mean_images = generate(g, [1, 2, 3], truncation_psi=0, labels=2)
     assert torch.equal(mean_images[0], mean_images[1])
-    from stylenat.models import model_to_uint8
-
     with torch.no_grad():
         expected = model_to_uint8(g.synthesis(g.mapping.class_w_avg[2][None, None].expand(1, g.num_ws, -1)), g.config)
     assert torch.equal(mean_images[:1], expected)

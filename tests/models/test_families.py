@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stylenat.errors import ConfigError
-from stylenat.models import build_generator, get_preset
+from stylenat.models import build_discriminator, build_generator, get_preset
 from stylenat.models.config import FAMILY_RESOLUTIONS
 
 OFFICIAL_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 512, 128: 256, 256: 128, 512: 64, 1024: 32}
@@ -39,6 +39,26 @@ def official_generator_params(size: int, min_heads: int = 4, style_dim: int = 51
     return total
 
 
+def official_discriminator_params(size: int) -> int:
+    """The official (StyleSwin) wavelet discriminator's parameter count with spectral norm, written out.
+
+    The input is Haar-transformed to 12 channels at size/2. Scales i = log2(size) - 1 down to 3 (the
+    wavelet image at 2^i): a from-RGB 1x1 conv 12 -> C_in (no bias) with a leaky-ReLU bias, then a
+    conv block: 3x3 conv C_in -> C_in and a blurred stride-2 3x3 conv C_in -> C_out = channels[2^(i-1)],
+    each without conv bias but with an activation bias; C_in starts at channels[size]. At 4x4: one
+    more from-RGB 12 -> C4, the minibatch-stddev channel, a 3x3 conv (C + 1) -> C4 with its bias, a
+    linear 16 C4 -> C4 with bias followed by a biased leaky ReLU (two bias vectors), and a linear
+    C4 -> 1 with bias. Spectral norm's u, v are buffers, not parameters.
+    """
+    in_ch, total = OFFICIAL_CHANNELS[size], 0
+    for i in range(size.bit_length() - 2, 2, -1):
+        out_ch = OFFICIAL_CHANNELS[2 ** (i - 1)]
+        total += (12 * in_ch + in_ch) + (9 * in_ch * in_ch + in_ch) + (9 * in_ch * out_ch + out_ch)
+        in_ch = out_ch
+    c4 = OFFICIAL_CHANNELS[4]
+    return total + (12 * c4 + c4) + (9 * (in_ch + 1) * c4 + c4) + (16 * c4 * c4 + 2 * c4) + (c4 + 1)
+
+
 def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -56,6 +76,21 @@ def test_ffhq_family_follows_the_official_rule(resolution):
     assert _count(g) == official_generator_params(resolution)
     assert g_cfg.dilations[-1] == (1, resolution // 8) and g_cfg.kernels[-1] == (7, 7)
     assert g_cfg.heads == tuple(max(c // 32, 4) for c in g_cfg.channels)
+
+
+def test_discriminator_closed_form_reproduces_the_official_counts():
+    # official_state_shapes.json (the official code's discriminators at 256 and 1024) counts these.
+    assert official_discriminator_params(256) == 26_211_585
+    assert official_discriminator_params(1024) == 27_736_641
+
+
+@pytest.mark.parametrize("resolution", FAMILY_RESOLUTIONS)
+@pytest.mark.parametrize("family", ["ffhq", "church"])
+def test_family_discriminators_follow_the_official_rule(family, resolution):
+    _, d_cfg = get_preset(family, resolution)
+    with torch.device("meta"):
+        d = build_discriminator(d_cfg)
+    assert _count(d) == official_discriminator_params(resolution)
 
 
 def test_ffhq128_count():
@@ -77,8 +112,13 @@ def test_named_presets_equal_their_family_members():
 
 
 def test_resolution_errors():
-    with pytest.raises(ConfigError, match="give its resolution"):
+    # A family without a size: the advice must work wherever it is read (generate and convert-official
+    # have no --resolution; an official checkpoint needs the preset it was trained with, or --meta).
+    with pytest.raises(ConfigError, match=r"family of models.*named preset \(ffhq256, ffhq1024\).*--meta") as info:
         get_preset("ffhq")
+    assert "--resolution" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"named preset \(church256\)"):
+        get_preset("church")
     with pytest.raises(ConfigError, match="not 96"):
         get_preset("ffhq", 96)
     with pytest.raises(ConfigError, match="use --preset ffhq --resolution 128"):

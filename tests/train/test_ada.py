@@ -371,3 +371,146 @@ def test_controller_state_round_trip_continues_identically():
         assert a.p == b.p
     assert a.p > 0
     assert a.state_dict() == b.state_dict()
+
+
+# -- the controller in real training: D overfitting a tiny dataset raises p, a large one does not ------
+
+
+def _teacher(tmp_path):
+    """A 16px generator drawn at unit scale (linear weights N(0, 1/fan_in); to-RGB at a quarter of
+    that so that images stay in range), whose images differ a lot from seed to seed, and a fresh
+    32-channel discriminator: the model both runs start from (``train --init``)."""
+    from stylenat.models import DiscriminatorConfig, GeneratorConfig, build_discriminator, build_generator, save_model
+
+    g_cfg = GeneratorConfig(resolution=16, channels=(16, 16, 16), heads=(2, 2, 2), kernels=((4,), (5,), (5,)),
+                            dilations=((1,), (1,), (1,)), style_dim=16, n_mlp=1)
+    d_cfg = DiscriminatorConfig(resolution=16, channels=(32, 32, 32))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        g, d = build_generator(g_cfg).eval(), build_discriminator(d_cfg).eval()
+    gen = _gen(1)
+    with torch.no_grad():
+        for name, p in g.named_parameters():
+            if name.startswith("synthesis.") and name != "synthesis.const" and "style" not in name and p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()) * (0.25 if "to_rgb" in name else 1.0))
+    g.compute_w_avg()
+    return g, save_model(tmp_path / "teacher.safetensors", {"g_ema": g, "d": d}, g_cfg, d_cfg)
+
+
+def test_adaptive_p_rises_when_d_overfits_a_tiny_dataset_and_stays_near_zero_on_a_large_one(tmp_path):
+    """ADA's must-show, on real training runs (G, D, R1, the ADA pipeline and controller).
+
+    Both datasets are images of one fixed generator, the teacher: 500 of them, or 2. Both runs start
+    from the teacher itself with G's learning rate 0, so G's images are exactly the large set's kind
+    and the only difference between the runs is the dataset's size. On the large set D cannot tell
+    reals from fakes, r_t = E[sign(D(real))] stays mostly under the 0.6 target and p near 0; on two
+    images D memorises the reals, r_t passes 0.6 and p climbs. Same seed, 80 steps, same settings
+    (D's learning rate and a light R1 chosen so that D memorises two images within that budget).
+    """
+    from stylenat.data import save_image_grid
+    from stylenat.models.io import latest_checkpoint
+    from stylenat.sampling import generate
+    from stylenat.train import get_train_preset, train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is fastest on a shared machine
+    try:
+        g, model = _teacher(tmp_path)
+        images = generate(g, range(500), batch=250)
+        for name, count in (("large", 500), ("tiny", 2)):
+            (tmp_path / name).mkdir()
+            for i in range(count):
+                save_image_grid(images[i:i + 1], tmp_path / name / f"{i:03d}.png", (1, 1))
+        p = {}
+        for name in ("tiny", "large"):
+            run = tmp_path / f"run_{name}"
+            train(get_train_preset("tiny").replace(
+                preset=None, init=str(model), data=str(tmp_path / name), run_dir=str(run), seed=0, device="cpu",
+                steps=80, batch=8, xflip=False, g_lr=0.0, d_lr=2e-3, r1_gamma=0.05,
+                aug="ada", ada_interval=1, ada_kimg=0.2,  # p can move by 8/200 = 0.04 per step
+                tick_every=5, sample_every=10**6, checkpoint_every=10**6, grid=(1, 1)))
+            stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+            state = json.loads((latest_checkpoint(run / "checkpoints") / "train_state.json").read_text())
+            p[name] = ([s["aug_p"] for s in stats if "aug_p" in s], state["components"]["ada"]["p"])
+    finally:
+        torch.set_num_threads(threads)
+    (tiny_curve, tiny_final), (large_curve, _) = p["tiny"], p["large"]
+    assert len(tiny_curve) == len(large_curve) == 16
+    tiny_late, large_mean = sum(tiny_curve[8:]) / 8, sum(large_curve) / len(large_curve)
+    # Measured with run seeds 0, 1, 2, 3: tiny final p 0.64, 0.80, 0.88, 0.88 (mean over the second half
+    # 0.51, 0.64, 0.68, 0.69); large: mean over the run 0.042, 0.072, 0.047, 0.052, final 0, 0, 0, 0.16,
+    # with brief excursions to 0.19-0.28 when D's output offset, common to reals and fakes, drifts up.
+    assert tiny_final >= 0.3 and tiny_late >= 0.3
+    assert large_mean <= 0.1 and max(large_curve) < tiny_late
+    assert tiny_late > 5 * large_mean
+
+
+# -- --deterministic on CUDA -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aug_pipe, aug_p, device, refused", [
+    ("bgc", None, "cuda", True), ("g", 0.3, "cuda:1", True), ("bc", None, "cuda", False),
+    ("bgc", 0.0, "cuda", False), ("bgc", None, "cpu", False),
+])
+def test_deterministic_cuda_refuses_ada_geometry_before_training(aug_pipe, aug_p, device, refused):
+    from stylenat.train import TrainConfig
+    from stylenat.train.loop import check_deterministic_support
+
+    cfg = TrainConfig(aug="ada", aug_pipe=aug_pipe, aug_p=aug_p, deterministic=True)
+    if refused:
+        with pytest.raises(ConfigError, match=r"grid_sample.*drop --deterministic.*aug_pipe=") as info:
+            check_deterministic_support(cfg, device)
+        assert "\n" not in str(info.value)
+    else:
+        check_deterministic_support(cfg, device)
+    check_deterministic_support(cfg.replace(deterministic=False), device)  # only deterministic runs are affected
+    check_deterministic_support(cfg.replace(aug="diffaug", aug_p=None), device)
+
+
+def test_resamples_names_the_geometric_group(monkeypatch):
+    assert [ada.resamples(p) for p in ada.PRESETS] == [False, False, True, False, True, False, True, True]
+    with pytest.raises(ConfigError, match="unknown augmentation preset"):
+        ada.resamples("xyz")
+    # The claim behind it: blit-and-colour pipelines never call F.grid_sample, geometric ones do.
+    calls, original = [], F.grid_sample
+    monkeypatch.setattr(F, "grid_sample", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = torch.randn(16, 3, 16, 16, requires_grad=True)
+    AugmentPipe("bc")(x, 1.0, _gen(3)).sum().backward()
+    assert not calls
+    AugmentPipe("g")(x, 1.0, _gen(3)).sum().backward()
+    assert calls
+
+
+def test_logged_r_t_is_over_every_micro_batch_as_the_controller_sees_it(tmp_path):
+    """With --accum > 1 the controller accumulates the signs of every micro-batch; stats.jsonl's r_t
+    is the same number, not the last micro-batch's."""
+    from stylenat.models import uint8_to_model
+    from stylenat.train import get_train_preset
+    from stylenat.train.loop import _Trainer, resolve_config
+
+    micro_g = dict(resolution=16, channels=[16, 16, 16], heads=[2, 2, 2], kernels=[[4], [5], [5]],
+                   dilations=[[1], [1], [1]], style_dim=16, n_mlp=1)
+    cfg = resolve_config(get_train_preset("tiny").replace(
+        data="demo", run_dir=str(tmp_path / "run"), device="cpu", batch=4, accum=3, aug="ada", ada_interval=1,
+        generator=micro_g, discriminator=dict(resolution=16, channels=[16, 16, 16]), grid=(1, 1)))
+    trainer = _Trainer(cfg, resume=False)
+    # Centre D's output on the data so that the signs differ from micro-batch to micro-batch.
+    with torch.no_grad():
+        reals = torch.stack([trainer.dataset[i] for i in range(64)])
+        trainer.D.final_linear[2].bias -= trainer.D(uint8_to_model(reals, trainer.g_cfg)).median()
+    seen = []
+    accumulate = trainer.ada.accumulate
+    trainer.ada.accumulate = lambda logits: seen.append(logits.detach().sign().mean().item()) or accumulate(logits)
+    differs = False
+    try:
+        for step in range(1, 4):
+            seen.clear()
+            _, stats = trainer._d_step()
+            total, count = trainer.ada.stats_tensor().tolist()
+            assert len(seen) == 3 and count == 12
+            assert stats["r_t"].item() == pytest.approx(total / count, abs=1e-7)
+            differs |= seen[-1] != pytest.approx(total / count)
+            trainer.ada.maybe_update(step, 12)  # what the loop does after each step: p moves, the sums reset
+    finally:
+        trainer.log.close()
+    assert differs  # the last micro-batch alone would have been another number

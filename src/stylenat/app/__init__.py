@@ -9,7 +9,7 @@ Why Starlette + uvicorn and a hand-written page rather than Gradio (the ``app`` 
 - Size: starlette and uvicorn with what they need (anyio, h11, click, idna) take about 5 MB
   installed; Gradio brings fastapi, pandas, huggingface_hub, its front-end bundle and dozens more.
 - Safety limits: upload size and type, body size, grid/frame/step bounds, one request at a time
-  on the model and the Host check are plain code in :mod:`stylenat.app.server` and
+  on the model and the Host and Origin checks are plain code in :mod:`stylenat.app.server` and
   :mod:`stylenat.app.explorer`, not framework settings to find and keep in step with releases.
 - Testability: the model side (:class:`~stylenat.app.explorer.Explorer`) is plain Python, the API
   is plain JSON over HTTP, and the page has stable element ids a headless browser can drive.

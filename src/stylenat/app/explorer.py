@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import secrets
+import struct
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -24,11 +25,11 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor, nn
 
 from stylenat.attention_maps import AttentionMap, attention_maps, render_attention_maps
-from stylenat.data.images import decode_image
+from stylenat.data.images import to_rgb
 from stylenat.editing import edit, render, sefa_directions
 from stylenat.errors import ConfigError, DataError, UserError
 from stylenat.projection import ProjectionResult, project
@@ -37,6 +38,8 @@ from stylenat.sampling import as_ws, interpolate, style_mix
 __all__ = ["Limits", "Busy", "FairLock", "Explorer", "ProjectionJob", "layer_groups", "class_names", "decode_upload"]
 
 MAX_SEED = 2**32 - 1
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")  # Pillow's readers used for uploads; no other one is tried
+UPLOAD_TYPES = "PNG, JPEG or WebP"
 ATTENTION_CELL = 128  # heat-map edge in pixels: readable for every stage, small to send
 
 
@@ -135,38 +138,61 @@ def layer_groups(g: nn.Module) -> dict[str, list[int]]:
     return {name: [2 * int(s) + j for s in band for j in (0, 1)] for name, band in bands.items() if len(band)}
 
 
-def decode_upload(data: bytes, limits: Limits):
-    """An uploaded image file as an RGB Pillow image; DataError saying why when it is refused.
+def _open_header(data: bytes) -> Image.Image:
+    """The upload opened by Pillow's PNG, JPEG or WebP reader: its header read, its pixels not yet.
 
-    data: the file's bytes. limits: max_upload_bytes and max_upload_pixels are enforced.
+    Only those readers are tried (Image.open would try every format Pillow knows: TIFF, BMP, EPS
+    through Ghostscript...), and with no decompression-bomb check: the caller checks the size
+    against its own limit first (Image.open refuses large images with its own error before that).
+    """
+    Image.init()
+    prefix = data[:16]  # what Image.open shows each reader's accept function
+    for fmt in UPLOAD_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and (isinstance(accepted := accept(prefix), str) or not accepted):
+            continue  # not this format (a str: this Pillow was built without its decoder)
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, ValueError, struct.error, OSError) as exc:
+            raise DataError(f"the upload is a damaged {fmt} file ({type(exc).__name__}); "
+                            f"upload a {UPLOAD_TYPES} file") from None
+    raise DataError(f"the upload is not a {UPLOAD_TYPES} image; only those types are accepted")
+
+
+def decode_upload(data: bytes, limits: Limits) -> Image.Image:
+    """An uploaded image file as an upright RGB Pillow image; DataError saying why when it is refused.
+
+    data: the file's bytes, a PNG, JPEG or WebP image. limits: max_upload_bytes, and
+    max_upload_pixels, checked from the header before any pixel is decoded.
     """
     if len(data) > limits.max_upload_bytes:
         raise DataError(f"the upload is too large ({len(data) / 2**20:.1f} MB; the limit is "
                         f"{limits.max_upload_bytes / 2**20:g} MB)")
-    try:
-        with Image.open(io.BytesIO(data)) as probe:  # reads the header only: the size before decoding
-            width, height = probe.size
+    with _open_header(data) as img:
+        width, height = img.size
         if width * height > limits.max_upload_pixels:
             raise DataError(f"the image is {width}x{height} pixels; the limit is {limits.max_upload_pixels:,} pixels")
-        return decode_image(data)
-    except DataError:
-        raise
-    except Exception as exc:  # Pillow raises many types for foreign, truncated or corrupt files
-        raise DataError(f"the upload is not an image Pillow can read ({type(exc).__name__}); "
-                        "upload a PNG, JPEG or WebP file") from None
+        try:
+            img.load()  # the whole decode here, so truncated files fail now
+            return to_rgb(ImageOps.exif_transpose(img))
+        except Exception as exc:  # Pillow raises many types for truncated or corrupt files
+            raise DataError(f"the upload is a damaged {img.format} file Pillow cannot decode "
+                            f"({type(exc).__name__}); upload a {UPLOAD_TYPES} file") from None
 
 
 @dataclass
 class ProjectionJob:
     """A projection running in its own thread; the page polls it.
 
-    id: random token naming the job. steps: steps asked for. step: steps done. loss: the last
-    total loss. state: "queued", "running", "done", "failed" or "stopped". error: why it failed.
-    result: the projection when done. stop: set to end it after the current step.
+    id: random token naming the job. steps: steps asked for. label: the class projected into (an
+    index; None for an unconditional model). step: steps done. loss: the last total loss. state:
+    "queued", "running", "done", "failed" or "stopped". error: why it failed. result: the
+    projection when done. stop: set to end it after the current step.
     """
 
     id: str
     steps: int
+    label: int | None = None
     step: int = 0
     loss: float | None = None
     state: str = "queued"
@@ -316,14 +342,22 @@ class Explorer:
 
     # ---- projection ----
 
-    def start_projection(self, target, steps: int) -> ProjectionJob:
-        """Start projecting ``target`` (a Pillow image) in a thread; Busy while another one runs."""
+    def start_projection(self, target, steps: int, cls: int | None = None) -> ProjectionJob:
+        """Start projecting ``target`` (a Pillow image) in a thread; Busy while another one runs.
+
+        cls: the target's class, required for a conditional model (the projection starts at that
+        class's mean w, so there is no default class as for seeds); None for an unconditional one.
+        """
         if not 1 <= steps <= self.limits.max_project_steps:
             raise ConfigError(f"a projection takes 1-{self.limits.max_project_steps} steps, got {steps}")
+        self._check_class(cls)
+        if cls is None and self.classes:
+            raise ConfigError(f"this model is class-conditional: give the target's class (an index in "
+                              f"0-{len(self.classes) - 1})")
         job = self.job
         if job is not None and job.state in ("queued", "running"):
             raise Busy(f"a projection is running (step {job.step} of {job.steps}); wait for it or stop it")
-        self.job = job = ProjectionJob(id=secrets.token_hex(8), steps=steps)
+        self.job = job = ProjectionJob(id=secrets.token_hex(8), steps=steps, label=cls)
         threading.Thread(target=self._run_projection, args=(job, target), daemon=True).start()
         return job
 
@@ -337,7 +371,7 @@ class Explorer:
         self.lock.acquire()
         try:
             job.state = "running"
-            job.result = project(self.g, target, steps=job.steps, callback=progress)
+            job.result = project(self.g, target, label=job.label, steps=job.steps, callback=progress)
             job.state = "done"
         except _Stopped:
             job.state = "stopped"

@@ -2,13 +2,17 @@
 
 Every API call is a POST of a JSON object (or, for a projection, the raw image file) and answers
 JSON; images travel as PNG data URLs, latents as base64 of little-endian float32 ws
-``[num_ws, style_dim]``. Errors answer ``{"error": "..."}`` with 400 (bad value), 413 (too large),
-415 (not an image), 503 (model busy). Model work runs in the thread pool, so polling a projection
-stays quick while the model computes.
+``[num_ws, style_dim]``. Errors answer ``{"error": "..."}`` with 400 (bad value or Host), 403 (a
+page of another origin asked), 413 (too large), 415 (not an accepted image), 503 (model busy).
+Model work runs in the thread pool, so polling a projection stays quick while the model computes.
 
 Routes: ``GET /`` the page, ``GET /static/...`` its script and style, ``GET /api/info``,
-``POST /api/{image,grid,mix,interpolate,attention,edit}``, ``POST /api/project?steps=N`` (body: the
-image file), ``GET /api/project/{job}`` (progress, then the result), ``POST /api/project/{job}/stop``.
+``POST /api/{image,grid,mix,interpolate,attention,edit}``, ``POST /api/project?steps=N[&class=K]``
+(body: the image file), ``GET /api/project/{job}`` (progress, then the result),
+``POST /api/project/{job}/stop``.
+
+Numbers JSON cannot hold (a PSNR of inf for a perfect reconstruction, a NaN loss) are sent as the
+strings "inf", "-inf" and "nan".
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -31,9 +36,9 @@ import torch
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
@@ -44,7 +49,8 @@ from torch import Tensor
 from stylenat.app.explorer import Busy, Explorer, Limits, ProjectionJob, decode_upload
 from stylenat.errors import ConfigError, DataError, UserError
 
-__all__ = ["create_app", "serve", "BackgroundServer", "listen", "loopback_hosts", "png_data_url", "encode_latent"]
+__all__ = ["create_app", "serve", "BackgroundServer", "listen", "loopback_hosts", "png_data_url", "encode_latent",
+           "RequestGuard", "json_safe"]
 
 STATIC = files("stylenat.app") / "static"
 # Everything comes from this server: no CDN, font or style from elsewhere can load, even by mistake.
@@ -56,6 +62,9 @@ SECURITY_HEADERS = [
 ]
 LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"]
 DRAIN_FACTOR = 8  # an oversized body is read (and dropped) up to this many limits, so the browser gets the 413
+# A Host header: a name or IPv4 address, or a bracketed IPv6 address, then an optional port.
+HOST_HEADER = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::(?P<port>[0-9]{1,5}))?")
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class SecurityHeaders:
@@ -74,6 +83,85 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def _host_name(name: str) -> str:
+    """A host name as compared: IP addresses in their compressed form, names in lower case."""
+    try:
+        return ipaddress.ip_address(name).compressed
+    except ValueError:
+        return name.lower()
+
+
+def parse_host(value: str) -> tuple[str, int | None] | None:
+    """A Host header ("name", "name:port", "[v6]" or "[v6]:port") as (name, port or None); None if malformed.
+
+    The name is in compared form (see :func:`_host_name`), without the brackets of an IPv6 address.
+    """
+    match = HOST_HEADER.fullmatch(value)
+    if match is None:
+        return None
+    port = match["port"]
+    if port is not None and not 0 < int(port) < 65536:
+        return None
+    return _host_name(match["ip6"] or match["name"]), None if port is None else int(port)
+
+
+class RequestGuard:
+    """Refuses what a page on another site could make a browser send to this server.
+
+    - Host (DNS rebinding): the Host header's name must be one of ``allowed_hosts`` ("*": any);
+      ports and the brackets of an IPv6 address are not part of the name. (Starlette's
+      TrustedHostMiddleware splits the header on ":", so it refuses every "[::1]:port".)
+    - Origin (cross-site requests): when a request carries an Origin header, as browsers send with
+      every cross-origin request and every POST, it must be this server's own origin: the request's
+      scheme, host and port. Requests without one (curl, urllib, scripts) are served.
+
+    Refusals answer ``{"error": ...}``: 400 for the Host, 403 for the Origin.
+
+    Args:
+        app: the ASGI app to wrap. allowed_hosts: accepted Host names.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Sequence[str]) -> None:
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.allowed = {_host_name(h.strip("[]")) for h in allowed_hosts if h != "*"}
+
+    def refusal(self, scope: Scope) -> JSONResponse | None:
+        """The response refusing this request, or None when it may go on."""
+        headers = Headers(scope=scope)
+        host_header = headers.get("host", "")
+        host = parse_host(host_header)
+        if not self.any_host and (host is None or host[0] not in self.allowed):
+            return JSONResponse({"error": f"this server does not answer to the Host {host_header!r}; open it at "
+                                          "its own address (e.g. http://127.0.0.1:PORT/)"}, status_code=400)
+        origin = headers.get("origin")
+        if origin is not None and not self._same_origin(origin, scope.get("scheme", "http"), host):
+            return JSONResponse({"error": f"requests from pages of other origins are refused (Origin {origin!r})"},
+                                status_code=403)
+        return None
+
+    @staticmethod
+    def _same_origin(origin: str, scheme: str, host: tuple[str, int | None] | None) -> bool:
+        """Whether the Origin header names scheme://host (default ports filled in on both sides)."""
+        if host is None or "://" not in origin:  # "null" (sandboxed frames, files) is no origin
+            return False
+        origin_scheme, _, rest = origin.partition("://")
+        theirs = parse_host(rest)
+        if theirs is None or origin_scheme.lower() != scheme:
+            return False
+        default = DEFAULT_PORTS.get(scheme)
+        return theirs[0] == host[0] and (theirs[1] or default) == (host[1] or default)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = self.refusal(scope) if scope["type"] in ("http", "websocket") else None
+        if response is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            await response(scope, receive, send)
+        else:  # the app has no websocket route, but refuse before anything could answer one
+            await send({"type": "websocket.close", "code": 1008})
 
 
 # ---- encoding -----------------------------------------------------------------------------------
@@ -176,6 +264,18 @@ def _latent(body: dict, key: str, explorer: Explorer) -> int | Tensor:
     raise ConfigError(f'{key} must be {{"seed": N}} or {{"ws": base64 float32 latent}}, got {value!r}')
 
 
+def json_safe(value: object) -> object:
+    """``value`` with every non-finite float (in dicts and lists too) as the string "inf", "-inf" or
+    "nan": JSON has no such numbers, and JSONResponse refuses them (a 500 on every poll)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 # ---- endpoints ----------------------------------------------------------------------------------
 
 
@@ -245,26 +345,33 @@ async def edit(request: Request) -> JSONResponse:
     return JSONResponse({"image": png_data_url(out)})
 
 
+def _query_int(request: Request, key: str, default: int | None) -> int | None:
+    text = request.query_params.get(key)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{key} must be an integer, got {text!r}") from None
+
+
 async def project_start(request: Request) -> JSONResponse:
     ex = request.app.state.explorer
-    try:
-        steps = int(request.query_params.get("steps", "200"))
-    except ValueError:
-        raise ConfigError("steps must be an integer") from None
+    steps, cls = _query_int(request, "steps", 200), _query_int(request, "class", None)
     data = await _read_body(request, ex.limits.max_upload_bytes, "upload")
     target = await run_in_threadpool(decode_upload, data, ex.limits)
-    return JSONResponse(_job_state(ex.start_projection(target, steps)))
+    return JSONResponse(_job_state(ex.start_projection(target, steps, cls)))
 
 
 def _job_state(job: ProjectionJob) -> dict:
-    """What the page shows of a job: progress, and the images and latent once done."""
+    """What the page shows of a job: progress, and the images and latent once done (JSON-safe)."""
     state = {"job": job.id, "state": job.state, "step": job.step, "steps": job.steps, "loss": job.loss,
              "error": job.error}
     if job.result is not None:
         r = job.result
         state.update(image=png_data_url(r.image), target=png_data_url(r.target), psnr=r.psnr, distance=r.distance,
                      latent=encode_latent(r.ws))
-    return state
+    return json_safe(state)
 
 
 async def project_status(request: Request) -> JSONResponse:
@@ -294,7 +401,7 @@ def create_app(explorer: Explorer, allowed_hosts: Sequence[str] = ("*",)) -> Sta
 
     Args:
         explorer: the model and its limits; fixed for the app's life (nothing in a request names a file).
-        allowed_hosts: Host header values accepted (DNS-rebinding guard); "*" accepts any.
+        allowed_hosts: Host names accepted (DNS-rebinding guard; see :class:`RequestGuard`); "*" accepts any.
     """
     routes = [
         Route("/", page),
@@ -311,7 +418,7 @@ def create_app(explorer: Explorer, allowed_hosts: Sequence[str] = ("*",)) -> Sta
         Route("/api/project/{job}/stop", project_stop, methods=["POST"]),
     ]
     handlers = {HTTPException: _error(500), Busy: _error(503), DataError: _error(415), UserError: _error(400)}
-    middleware = [Middleware(SecurityHeaders), Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))]
+    middleware = [Middleware(SecurityHeaders), Middleware(RequestGuard, allowed_hosts=list(allowed_hosts))]
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
     app.state.explorer = explorer
     return app
@@ -321,11 +428,16 @@ def create_app(explorer: Explorer, allowed_hosts: Sequence[str] = ("*",)) -> Sta
 
 
 def loopback_hosts(host: str) -> list[str]:
-    """Host headers to accept for a server bound to ``host``: the loopback names and ``host``
+    """Host names to accept for a server bound to ``host``: the loopback names and ``host``
     itself, or any ("*") when it listens on every interface (then the user chose to open it)."""
     if host in ("0.0.0.0", "::", ""):
         return ["*"]
     return sorted({*LOOPBACK_NAMES, host})
+
+
+def _bare(host: str) -> str:
+    """An address as given on the command line, without the brackets of "[::1]"."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def _is_loopback(host: str) -> bool:
@@ -349,6 +461,7 @@ def _uvicorn(explorer: Explorer, host: str, port: int):
     """(listening socket, the app's base URL, a uvicorn server for it) on host:port."""
     import uvicorn
 
+    host = _bare(host)
     sock = listen(host, port)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
@@ -392,6 +505,7 @@ def serve(g, host: str = "127.0.0.1", port: int = 7860, limits: Limits = Limits(
         g: a stylenat generator on its device. host: address to bind (loopback by default).
         port: TCP port (0: any free port). limits: the request limits.
     """
+    host = _bare(host)
     sock, url, server = _uvicorn(Explorer(g, limits), host, port)
     print(f"stylenat serve: {url}/ ({g.resolution}x{g.resolution}, {g.w_avg.device}; Ctrl-C stops)", flush=True)
     if not _is_loopback(host):

@@ -21,8 +21,8 @@ from PIL import Image
 
 from stylenat.data.demo import DEMO_SIZE, DEMO_VERSION, draw_face
 from stylenat.data.images import decode_image, is_image_name, pil_to_tensor, square_resize
-from stylenat.data.labels import STYLEGAN_JSON, read_labels
-from stylenat.data.prepare import DATASET_FORMAT, DATASET_JSON, output_name
+from stylenat.data.labels import STYLEGAN_JSON, read_dataset_json, read_labels
+from stylenat.data.prepare import DATASET_FORMAT, output_name
 from stylenat.data.sources import FileSource
 from stylenat.errors import ConfigError, DataError
 
@@ -168,7 +168,7 @@ def open_dataset(path_or_demo: str | os.PathLike, resolution: int, *, xflip: boo
         dataset = DemoDataset(resolution, xflip)
     else:
         source = FileSource(path_or_demo)
-        meta = json.loads(source.read(DATASET_JSON)) if DATASET_JSON in source.names else None
+        meta = read_dataset_json(source)
         if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
             dataset = PreparedDataset(source, meta, resolution, xflip)
         else:
@@ -189,10 +189,9 @@ def native_resolution(path_or_demo: str | os.PathLike, sample: int = 64) -> tupl
     if str(path_or_demo) == "demo":
         return None, False
     source = FileSource(path_or_demo)
-    if DATASET_JSON in source.names:
-        meta = json.loads(source.read(DATASET_JSON))
-        if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
-            return int(meta["size"]), True
+    meta = read_dataset_json(source)
+    if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
+        return int(meta["size"]), True
     files = [n for n in source.names if is_image_name(n)]
     sizes = set()
     for name in files[:: max(1, len(files) // sample)][:sample]:
@@ -215,7 +214,7 @@ def dataset_classes(path_or_demo: str | os.PathLike) -> list[str]:
     if str(path_or_demo) == "demo":
         return []
     source = FileSource(path_or_demo)
-    meta = json.loads(source.read(DATASET_JSON)) if DATASET_JSON in source.names else None
+    meta = read_dataset_json(source)
     if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
         return list(meta.get("classes") or []) if meta.get("labels") is not None else []
     found = read_labels(source, [n for n in source.names if is_image_name(n)])

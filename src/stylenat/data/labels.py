@@ -2,15 +2,19 @@
 
 Sources (file paths are relative to the dataset's root, with "/" separators):
 
-* StyleGAN's ``dataset.json`` in the root: ``{"labels": [["path/to/img.png", 3], ...]}``; integer
-  labels 0..K-1 (the class names are "0".."K-1"); ``"labels": null`` means unlabelled.
-* ``folders``: one class per first-level folder, named after it (classes in sorted name order).
+* StyleGAN's ``dataset.json`` in the root: ``{"labels": [["path/to/img.png", 3], ...]}``. JSON
+  integer labels are class indices, as in StyleGAN: the classes are "0".."K-1" with K - 1 the
+  largest index (an index no image has is a class without images); JSON string labels are class
+  names. ``"labels": null`` means unlabelled.
+* ``folders``: one class per first-level folder, named after it.
 * a CSV file with the columns ``path`` and ``label`` (a header row names them; other columns are
-  ignored): labels that are all integers are used as class indices, otherwise the distinct names
-  in sorted order are the classes.
+  ignored): every label is a class name, digits included ("07" stays "07").
 
-Every image must get exactly one label: images without one and labels naming files that are not
-images of the dataset are errors that name them.
+Class names (everything but dataset.json's integers) are kept as they are and ordered by name, with
+runs of digits compared as numbers ("2" before "10"); only names that label an image become classes.
+
+Every image must get exactly one label: images without one, files labelled twice, empty labels and
+labels naming files that are not images of the dataset are errors that name them.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from stylenat.data.sources import FileSource
 from stylenat.errors import ConfigError, DataError, MissingFileError
 
-__all__ = ["Labels", "read_labels", "STYLEGAN_JSON"]
+__all__ = ["Labels", "read_labels", "read_dataset_json", "class_order", "STYLEGAN_JSON"]
 
 STYLEGAN_JSON = "dataset.json"
 
@@ -47,6 +52,35 @@ def _clean(path: str) -> str:
     return path.replace("\\", "/").removeprefix("./")
 
 
+def class_order(name: str) -> tuple:
+    """Sort key of class names: by name, runs of digits compared as numbers ("2" < "10" < "a")."""
+    return tuple((0, int(part), part) if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
+
+
+def read_dataset_json(source: FileSource) -> object | None:
+    """The parsed ``dataset.json`` in the root of ``source``, None when there is none; DataError when
+    it is not valid JSON."""
+    if STYLEGAN_JSON not in source.names:
+        return None
+    try:
+        return json.loads(source.read(STYLEGAN_JSON))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{source.path}/{STYLEGAN_JSON} is not valid JSON ({exc}); fix it or remove it") from None
+
+
+def _by_path(entries: list[tuple[str, object, str]], origin: str) -> dict[str, object]:
+    """{path: label} of (path, label, where) entries; DataError naming the paths labelled more than once."""
+    by_path: dict[str, object] = {}
+    where: dict[str, list[str]] = {}
+    for path, label, at in entries:
+        by_path[path] = label
+        where.setdefault(path, []).append(at)
+    twice = [f"{path} ({', '.join(ats)})" for path, ats in where.items() if len(ats) > 1]
+    if twice:
+        raise DataError(f"{origin} labels {_names(twice, 'file(s) more than once')}; give every image one label")
+    return by_path
+
+
 def _match(files: list[str], by_path: dict[str, object], origin: str) -> list[object]:
     """The label of every file, in order; DataError naming files without a label and labels without a file."""
     missing = [f for f in files if f not in by_path]
@@ -59,57 +93,76 @@ def _match(files: list[str], by_path: dict[str, object], origin: str) -> list[ob
     return [by_path[f] for f in files]
 
 
-def _as_classes(values: list[object], origin: str) -> Labels:
-    """Class indices and names of label values: integers as they are, anything else by sorted name."""
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        if min(values) < 0:
-            raise DataError(f"{origin}: class indices must be >= 0, got {min(values)}")
-        return Labels(list(values), [str(i) for i in range(max(values) + 1)])
-    if all(isinstance(v, str) for v in values):
-        if all(v.strip().lstrip("-").isdigit() for v in values):
-            return _as_classes([int(v) for v in values], origin)
-        classes = sorted(set(values))
-        index = {name: i for i, name in enumerate(classes)}
-        return Labels([index[v] for v in values], classes)
-    bad = next(v for v in values if not isinstance(v, (int, str)) or isinstance(v, bool))
-    raise DataError(f"{origin}: a label must be a class index or a class name, got {bad!r}")
+def _by_name(names: list[str]) -> Labels:
+    """Classes named by ``names`` (one per image), in class_order."""
+    classes = sorted(set(names), key=class_order)
+    index = {name: i for i, name in enumerate(classes)}
+    return Labels([index[n] for n in names], classes)
+
+
+def _from_json_values(files: list[str], values: list[object], origin: str) -> Labels:
+    """dataset.json labels of ``files``: JSON integers are class indices, strings class names (not both)."""
+    bad = [f"{f} ({v!r})" for f, v in zip(files, values) if isinstance(v, bool) or not isinstance(v, (int, str))]
+    if bad:
+        what = "label(s) that are neither a class index (an integer) nor a class name (a string)"
+        raise DataError(f"{origin} has {_names(bad, what)}")
+    ints = [v for v in values if isinstance(v, int)]
+    if ints and len(ints) != len(values):
+        raise DataError(f"{origin}: labels must be all class indices (integers) or all class names (strings), "
+                        "not a mix of both")
+    if ints:
+        negative = [f"{f} ({v})" for f, v in zip(files, values) if v < 0]
+        if negative:
+            raise DataError(f"{origin} has {_names(negative, 'negative class index(es)')}; indices start at 0")
+        return Labels(list(ints), [str(i) for i in range(max(ints) + 1)])
+    empty = [f for f, v in zip(files, values) if not v.strip()]
+    if empty:
+        raise DataError(f"{origin} has {_names(empty, 'image(s) with an empty label')}; name every image's class")
+    return _by_name(values)
 
 
 def _from_stylegan_json(source: FileSource, files: list[str]) -> Labels | None:
-    try:
-        meta = json.loads(source.read(STYLEGAN_JSON))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{source.path}/{STYLEGAN_JSON} is not valid JSON ({exc})") from None
+    meta = read_dataset_json(source)
     if not isinstance(meta, dict) or meta.get("labels") is None:
         return None
-    try:
-        by_path = {_clean(str(path)): label for path, label in meta["labels"]}
-    except (TypeError, ValueError):
-        raise DataError(f"{source.path}/{STYLEGAN_JSON}: 'labels' must be a list of [path, label] pairs") from None
     origin = f"{source.path}/{STYLEGAN_JSON}"
-    return _as_classes(_match(files, by_path, origin), origin)
+    try:
+        entries = [(_clean(str(path)), label, f"entry {i + 1}") for i, (path, label) in enumerate(meta["labels"])]
+    except (TypeError, ValueError):
+        raise DataError(f"{origin}: 'labels' must be a list of [path, label] pairs") from None
+    return _from_json_values(files, _match(files, _by_path(entries, origin), origin), origin)
 
 
 def _from_folders(source: FileSource, files: list[str]) -> Labels:
     loose = [f for f in files if "/" not in f]
     if loose:
         raise DataError(f"--labels folders: {_names(loose, 'image(s) outside a class folder')} in {source.path}")
-    return _as_classes([f.split("/", 1)[0] for f in files], f"the class folders of {source.path}")
+    return _by_name([f.split("/", 1)[0] for f in files])
 
 
 def _from_csv(path: Path, files: list[str]) -> Labels:
     if not path.is_file():
         raise MissingFileError(f"no label file at {path} (--labels expects 'folders' or a CSV file with columns path,label)")
-    rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig"))))
-    if not rows or not {"path", "label"} <= set(rows[0]):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not a UTF-8 text file ({exc}); save it as CSV text") from None
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
         raise DataError(f"{path} needs a header row with the columns path and label")
-    by_path = {}
-    for row in rows:
-        name = _clean(row["path"].strip())
-        if name in by_path:
-            raise DataError(f"{path} labels {name} twice")
-        by_path[name] = row["label"].strip()
-    return _as_classes(_match(files, by_path, str(path)), str(path))
+    entries, incomplete = [], []
+    try:
+        for row in reader:
+            name, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+            if not name or not label:  # a short row leaves the missing cells None
+                incomplete.append(f"line {reader.line_num}")
+            else:
+                entries.append((_clean(name), label, f"line {reader.line_num}"))
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV file at line {reader.line_num} ({exc})") from None
+    if incomplete:
+        raise DataError(f"{path} has {_names(incomplete, 'row(s) without a path or a label')}; fill them in or remove them")
+    return _by_name([str(v) for v in _match(files, _by_path(entries, str(path)), str(path))])
 
 
 def read_labels(source: FileSource, files: list[str], spec: str | os.PathLike | None = None) -> Labels | None:

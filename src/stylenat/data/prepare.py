@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from stylenat.data.images import check_resize_options, decode_image, is_image_name, square_resize
-from stylenat.data.labels import Labels, read_labels
+from stylenat.data.labels import Labels, read_dataset_json, read_labels
 from stylenat.data.sources import FileSource
 from stylenat.errors import ConfigError, DataError
 
@@ -149,13 +149,22 @@ def _ordered_map(workers: int):
 
 def _source_labels(source: FileSource, images: list[str], spec) -> Labels | None:
     """Labels of the source's image files; a dataset made by this tool keeps its own."""
-    if spec is None and DATASET_JSON in source.names:
-        meta = json.loads(source.read(DATASET_JSON))
-        if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
-            if meta.get("labels") is None:
-                return None
-            by_name = {output_name(i): label for i, label in enumerate(meta["labels"])}
-            return Labels([by_name[n] for n in images], list(meta["classes"]))
+    meta = read_dataset_json(source) if spec is None else None
+    if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
+        if meta.get("labels") is None:
+            return None
+        labels, classes = meta["labels"], meta.get("classes")
+        if not isinstance(labels, list) or not isinstance(classes, list) or \
+                not all(isinstance(k, int) and 0 <= k < len(classes) for k in labels):
+            raise DataError(f"{source.path}/{DATASET_JSON}: its 'labels' and 'classes' do not fit together; "
+                            "prepare the dataset again from the original images")
+        by_name = {output_name(i): label for i, label in enumerate(labels)}
+        extra = [n for n in images if n not in by_name]
+        if extra:
+            shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
+            raise DataError(f"{source.path} is a prepared dataset and its {DATASET_JSON} has no label for {len(extra)} "
+                            f"image(s) added to it: {shown}; remove them, or prepare from the original images")
+        return Labels([by_name[n] for n in images], [str(c) for c in classes])
     return read_labels(source, images, spec)
 
 

@@ -21,6 +21,7 @@ generated images without truncation against the whole dataset; Frechet distance 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -31,9 +32,10 @@ import torch
 from stylenat.errors import ConfigError
 from stylenat.metrics.distances import frechet_distance, kernel_inception_distance
 from stylenat.metrics.features import Extractor, FeatureStats, dataset_features, extract, generated_images, is_image_set
-from stylenat.metrics.inception import load_inception
+from stylenat.metrics.inception import InceptionWeightsError, load_inception
 
-__all__ = ["KINDS", "METRICS", "MetricSpec", "parse_metric", "calc_metric", "measure", "evaluate", "compare", "needs_inception"]
+__all__ = ["KINDS", "METRICS", "MetricSpec", "parse_metric", "calc_metric", "measure", "evaluate", "compare", "needs_inception",
+           "naming_the_metrics"]
 
 # kind -> default number of images
 KINDS = {"fid": 50000, "kid": 50000, "pr": 50000, "swd": 10000}
@@ -80,6 +82,30 @@ def compare(fake: FeatureStats, real: FeatureStats, kid: bool = False, kid_subse
     return result
 
 
+def _read_at(batches, resolution: int):
+    """uint8 image batches made ``resolution`` x ``resolution`` the way a raw real set is read at it
+    (``square_resize``: Lanczos), so that a generator is compared with real images at one size."""
+    from PIL import Image
+
+    from stylenat.data.images import pil_to_tensor, square_resize
+
+    for images in batches:
+        arrays = images.permute(0, 2, 3, 1).cpu().numpy()
+        yield torch.stack([pil_to_tensor(square_resize(Image.fromarray(a), resolution)) for a in arrays]).to(images.device)
+
+
+@contextlib.contextmanager
+def naming_the_metrics(names: list[str]):
+    """Raise a missing or wrong Inception weights error naming the metrics that need the file (not just FID)."""
+    try:
+        yield
+    except InceptionWeightsError as exc:
+        kinds = list(dict.fromkeys(parse_metric(n).kind for n in names if parse_metric(n).kind in _INCEPTION))
+        which = [{"fid": "FID", "kid": "KID", "pr": "precision/recall (pr)"}[k] for k in kinds] or ["FID"]
+        who = which[0] + " needs" if len(which) == 1 else ", ".join(which[:-1]) + f" and {which[-1]} need"
+        raise InceptionWeightsError(str(exc).replace("FID needs", who, 1)) from None
+
+
 def _swd_collect(batches, resolution: int, total: int, label: str, progress: bool):
     from stylenat.metrics.features import Progress
     from stylenat.metrics.swd import SWDCollector
@@ -110,7 +136,8 @@ class _Images:
         from stylenat.data import open_dataset
 
         if self.g is not None:
-            return generated_images(self.g, count, batch, label_pool=self.label_pool), count
+            images = generated_images(self.g, count, batch, label_pool=self.label_pool)
+            return (images if self.g.resolution == resolution else _read_at(images, resolution)), count
         dataset = open_dataset(self.path, resolution, labels=False)
         chosen = list(range(len(dataset)) if self.indices is None else self.indices)[:count]
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, chosen), batch_size=batch,
@@ -170,12 +197,14 @@ def measure(first, real: str | os.PathLike, names: list[str], *, num: int | None
         names: metric names (see the module docstring).
         num: images of ``first`` for every metric, overriding the counts in the names.
         resolution: side both sets are read at; default the generator's (required for two image sets).
+            A generator's images at another size are Lanczos-resized to it, as raw real images are.
         extractor: Inception network already loaded; default load_inception(inception) when needed.
         inception: the Inception weights file (see load_inception). batch: images per forward.
         device: where the networks run. workers: image-decoding processes. progress: show ticks.
         per_class: also each metric per class of the labelled real data, between its images of that
             class and the first set's (a conditional generator's images of that class, or a labelled
-            image set's images of that class).
+            image set's images of that class); classes without images on either side are left out.
+            ConfigError for an unconditional model, unlabelled data or classes that differ.
     Keys: the name (fid, kid mean, swd average), ``<name>_std`` (kid), ``<name>_<res>`` (swd levels),
     ``<name>_precision`` and ``<name>_recall`` (pr), ``num_real_<name>``/``num_fake_<name>``; per
     class the same keys followed by ``/<class name>``.
@@ -190,30 +219,41 @@ def measure(first, real: str | os.PathLike, names: list[str], *, num: int | None
         from stylenat.models.io import load_model
 
         first = load_model(first, which="g_ema", device=device)
+    if per_class and not first_is_images and not first.config.num_classes:
+        raise ConfigError("--per-class: the model is unconditional (it has no classes), so it has no images of a "
+                          "class to compare; drop --per-class, or measure a class-conditional model")
     resolution = resolution or (None if first_is_images else first.resolution)
     if resolution is None:
         raise ConfigError("comparing two image sets needs a resolution to read both at (--resolution)")
-    if any(s.kind in _INCEPTION for s in specs) and extractor is None:
-        extractor = load_inception(inception, device=device)
     real_set = open_dataset(real, resolution, labels=False)
-    fake = _Images(path=first) if first_is_images else _Images(g=first, label_pool=real_set.labels)
-    args = (resolution, extractor, batch, workers, progress)
-    results = _compare(specs, fake, _Images(path=real), *args)
+    first_set = open_dataset(first, resolution, labels=False) if first_is_images and per_class else None
     if per_class:
         classes = real_set.class_names if real_set.labels is not None else []
         if not classes:
             raise ConfigError(f"--per-class needs labelled real data; {real} has no labels")
-        first_set = open_dataset(first, resolution, labels=False) if first_is_images else None
+        if first_set is not None and first_set.labels is None:
+            raise ConfigError(f"--per-class: the first set {first} has no labels; label it like the real data")
         theirs = first_set.class_names if first_set is not None else list(first.config.classes)
         if theirs != classes:
             raise ConfigError(f"--per-class: {'the first set' if first_is_images else 'the model'} has classes "
                               f"{theirs[:5]}{'...' if len(theirs) > 5 else ''}, the real data {classes[:5]}"
                               f"{'...' if len(classes) > 5 else ''}; they must be the same")
+    if any(s.kind in _INCEPTION for s in specs) and extractor is None:
+        with naming_the_metrics(names):
+            extractor = load_inception(inception, device=device)
+    fake = _Images(path=first) if first_is_images else _Images(g=first, label_pool=real_set.labels)
+    args = (resolution, extractor, batch, workers, progress)
+    results = _compare(specs, fake, _Images(path=real), *args)
+    if per_class:
         for k, name in enumerate(classes):
-            real_k = _Images(path=real, indices=(real_set.labels == k).nonzero().flatten().tolist())
-            fake_k = (_Images(path=first, indices=(first_set.labels == k).nonzero().flatten().tolist()) if first_is_images
+            real_k = (real_set.labels == k).nonzero().flatten().tolist()
+            first_k = None if first_set is None else (first_set.labels == k).nonzero().flatten().tolist()
+            if not real_k or first_k == []:  # a class index without images (StyleGAN's integer labels)
+                continue
+            fake_k = (_Images(path=first, indices=first_k) if first_set is not None
                       else _Images(g=first, label_pool=torch.tensor([k])))
-            results.update({f"{key}/{name}": v for key, v in _compare(specs, fake_k, real_k, *args).items()})
+            results.update({f"{key}/{name}": v for key, v in _compare(specs, fake_k, _Images(path=real, indices=real_k),
+                                                                      *args).items()})
     return results
 
 
@@ -237,7 +277,8 @@ def calc_metric(name: str, g: torch.nn.Module, real: str | os.PathLike, extracto
     """{key: value} of one metric of generator ``g`` against ``real`` (for the training loop), without
     the image counts; ``extractor`` is the Inception network loaded once by a caller measuring often."""
     if parse_metric(name).kind in _INCEPTION and extractor is None:
-        extractor = load_inception(device=next(g.parameters()).device)
+        with naming_the_metrics([name]):
+            extractor = load_inception(device=next(g.parameters()).device)
     values = measure(g, real, [name], extractor=extractor, batch=batch, device=next(g.parameters()).device,
                      progress=progress)
     return {k: v for k, v in values.items() if not k.startswith("num_")}

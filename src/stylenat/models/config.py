@@ -211,8 +211,13 @@ def get_preset(name: str, resolution: int | None = None) -> tuple[GeneratorConfi
     """
     if name in FAMILIES:
         if resolution is None:
-            raise ConfigError(f"preset {name!r} is a family of models: give its resolution (--resolution R, "
-                              f"one of {', '.join(map(str, FAMILY_RESOLUTIONS))}), or train on data of one size")
+            # Reached by library calls and by official checkpoints (generate, convert-official, train --init):
+            # `stylenat train` sizes a family itself (--resolution or the data) before it gets here.
+            named = ", ".join(n for n in PRESETS if n.startswith(name))
+            raise ConfigError(f"preset {name!r} is a family of models ({FAMILY_RESOLUTIONS[0]}..{FAMILY_RESOLUTIONS[-1]} "
+                              f"pixels), not one model: use a named preset ({named}), or in Python get_preset({name!r}, "
+                              "resolution); an official checkpoint needs the named preset it was trained with, or --meta "
+                              "META.json")
         if resolution not in FAMILY_RESOLUTIONS:
             raise ConfigError(f"preset {name!r} exists at resolutions {', '.join(map(str, FAMILY_RESOLUTIONS))}, "
                               f"not {resolution!r}")

@@ -50,6 +50,7 @@ __all__ = [
     "colour_matrix",
     "geometric_matrix",
     "resample",
+    "resamples",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -412,6 +413,16 @@ def apply_colour(images: Tensor, matrix: Tensor, mean: tuple[float, ...] = IMAGE
         return torch.einsum("nij,njhw->nihw", lin, x) + off.view(-1, 3, 1, 1)
 
     return _apply_where(images, ~identity, colour, matrix)
+
+
+def resamples(preset: str) -> bool:
+    """Whether pipeline ``preset`` can resample images: its 'g' group (scale, rotation, anisotropy,
+    sub-pixel shifts) goes through :func:`resample`, i.e. ``F.grid_sample``, whose backward has no
+    deterministic CUDA kernel. Blitting ('b') gathers pixels and colour ('c') is a matrix product:
+    both have deterministic kernels on CUDA."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return "g" in preset.replace("none", "")
 
 
 def _check_probability(p: float, name: str = "p") -> float:

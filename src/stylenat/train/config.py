@@ -18,11 +18,14 @@ from stylenat.errors import ConfigError
 class TrainConfig(JsonConfig):
     """Every knob of a training run. Steps count optimizer steps of G (one D step each)."""
 
-    preset: str = "ffhq256"
+    preset: str | None = "ffhq256"
     """Model preset (``stylenat.models.PRESETS``: ffhq256, ffhq1024, church256, tiny) or family
-    (``stylenat.models.FAMILIES``: ffhq, church, sized by ``resolution``) of the generator and discriminator."""
+    (``stylenat.models.FAMILIES``: ffhq, church, sized by ``resolution``) of the generator and discriminator.
+    With ``init`` the model comes from the init model: None (``stylenat train --init`` without
+    ``--preset``), or a preset that describes that model (a conflicting one is an error)."""
     resolution: int | None = param(None, min=16)
-    """Image edge of a family preset; None: the data's (a prepared dataset's size, or its images' size)."""
+    """Image edge of a family preset; None: the data's (a prepared dataset's size, or its images' size).
+    With ``init``: None or the init model's own size (fine-tuning never resizes a model)."""
     generator: dict = field(default_factory=dict)
     """Overrides of GeneratorConfig fields; the run directory stores the fully resolved config here."""
     discriminator: dict = field(default_factory=dict)
@@ -98,7 +101,8 @@ class TrainConfig(JsonConfig):
     stylenat .safetensors model file, or an official .pt (with ``init_preset`` or ``init_meta``). The
     model configs come from it; optimizers and counters start fresh; a missing D starts fresh."""
     init_preset: str | None = None
-    """An official ``init`` checkpoint's configuration, by preset name (ffhq256, ffhq1024, church256)."""
+    """An official ``init`` checkpoint's configuration, by preset name (ffhq256, ffhq1024, church256); a
+    family (ffhq, church) stands for its named preset at ``resolution`` or the data's size."""
     init_meta: dict | None = None
     """An official ``init`` checkpoint's configuration in official terms (see stylenat.models.official)."""
     init_sha256: str | None = None
@@ -129,6 +133,9 @@ class TrainConfig(JsonConfig):
     without it; see docs/robustness.md, "Determinism"."""
 
     def _check(self):
+        if self.preset is None and self.init is None:
+            raise ConfigError("TrainConfig.preset is null, which only a fine-tuning run (init = a model) may have: "
+                              "name a preset")
         if self.init_preset is not None and self.init_meta is not None:
             raise ConfigError("give the official init checkpoint's configuration once: init_preset or init_meta")
         if self.aug_p is not None and self.aug != "ada":

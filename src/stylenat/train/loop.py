@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -86,10 +87,24 @@ def resolve_config(config: TrainConfig, init: dict[str, nn.Module] | None = None
         d_over.update(num_classes=len(classes))
     if init is not None:
         g_cfg = init["g_ema"].config
+        r = g_cfg.resolution
+        if config.resolution is not None and config.resolution != r:
+            raise ConfigError(f"--resolution {config.resolution}: the model from --init {config.init} is {r}x{r} and "
+                              f"fine-tuning keeps its size; drop --resolution and use data at {r}x{r} "
+                              f"(stylenat prepare SRC DST --size {r})")
+        # A preset with --init must describe the model (it then also picks the training recipe); an
+        # official checkpoint read by preset name got its config from that preset (its head groups
+        # adapted to the checkpoint's), so it is not compared again.
+        preset = None
+        if config.preset is not None and config.init_preset is None:
+            preset = get_preset(config.preset, r if config.preset in FAMILIES else None)
+            _check_init_preset(config, g_cfg, preset[0], "generator")
         if "d" in init:
             d_cfg = init["d"].config
-        else:  # a fresh D: the official one at this resolution, or as the user shapes it
-            fresh = official_discriminator(g_cfg.resolution).replace(num_classes=g_cfg.num_classes)
+            if preset is not None:
+                _check_init_preset(config, d_cfg, preset[1], "discriminator")
+        else:  # a fresh D: the preset's, else the official one at this resolution, or as the user shapes it
+            fresh = (preset[1] if preset is not None else official_discriminator(r)).replace(num_classes=g_cfg.num_classes)
             d_cfg = DiscriminatorConfig.from_dict({**fresh.to_dict(), **d_over})
         for flag, cfg, over in (("--generator", g_cfg, g_over), ("--discriminator", d_cfg, d_over)):
             if over and type(cfg).from_dict({**cfg.to_dict(), **over}) != cfg:
@@ -121,6 +136,10 @@ def resolve_config(config: TrainConfig, init: dict[str, nn.Module] | None = None
     r = g_cfg.resolution
     if d_cfg.resolution != r:
         raise ConfigError(f"generator resolution {r} differs from discriminator resolution {d_cfg.resolution}")
+    if binding and data_res != r and init is not None:  # a fine-tuned model keeps its size: the data must fit it
+        raise ConfigError(f"{config.data} holds {data_res}x{data_res} images but the model is {r}x{r} (from --init "
+                          f"{config.init}), and fine-tuning keeps the model's size: prepare the data at {r} "
+                          f"(stylenat prepare SRC DST --size {r})")
     if binding and data_res != r:
         raise ConfigError(f"{config.data} holds {data_res}x{data_res} images but the model is {r}x{r}: train at the "
                           f"data's size (--preset ffhq --resolution {data_res}) or prepare the data at {r} "
@@ -129,10 +148,36 @@ def resolve_config(config: TrainConfig, init: dict[str, nn.Module] | None = None
     if config.batch % group:
         raise ConfigError(f"batch {config.batch} must be a multiple of the discriminator's minibatch-stddev group "
                           f"{group}; pick another --batch or --discriminator stddev_group=N")
+    # FreezeD keeps blocks as they start: without trained ones to start from it would freeze random
+    # weights for the whole run, which no one asks for on purpose (a resumed run has init set, init None).
+    if config.freeze_d and config.init is None:
+        raise ConfigError(f"--freeze-d {config.freeze_d} keeps the first discriminator blocks as they start, and "
+                          "without --init they start random: add --init MODEL (fine-tuning) or drop --freeze-d")
+    if config.freeze_d and init is not None and "d" not in init:
+        raise ConfigError(f"--freeze-d {config.freeze_d}: {config.init} holds no discriminator, so D starts random "
+                          "and frozen blocks would stay random: init from a model with a discriminator, or drop --freeze-d")
     if config.freeze_d > d_cfg.num_blocks:
         raise ConfigError(f"--freeze-d {config.freeze_d}: the {r}x{r} discriminator has {d_cfg.num_blocks} blocks "
                           "before its output block")
     return config.replace(resolution=r, generator=g_cfg.to_dict(), discriminator=d_cfg.to_dict())
+
+
+def _check_init_preset(config: TrainConfig, model_cfg, preset_cfg, what: str) -> None:
+    """ConfigError unless the init model's ``what`` config is the preset's (classes aside: a preset has none)."""
+    import dataclasses
+
+    have = model_cfg.replace(num_classes=0, **({"class_names": ()} if what == "generator" else {}))
+    for f in dataclasses.fields(have):
+        ours, theirs = getattr(have, f.name), getattr(preset_cfg, f.name)
+        if ours != theirs:
+            raise ConfigError(f"--preset {config.preset} does not describe the model from --init {config.init} (its {what}'s "
+                              f"{f.name} is {_short(ours)}, the preset's {_short(theirs)}): drop --preset to fine-tune the "
+                              "model as it is (--set FIELD=VALUE changes the training recipe)")
+
+
+def _short(value) -> str:
+    text = str(list(value) if isinstance(value, tuple) else value).replace(" ", "")
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_metrics(config: TrainConfig) -> None:
@@ -153,10 +198,36 @@ def _load_init(config: TrainConfig) -> tuple[TrainConfig, dict[str, nn.Module]]:
     if config.init_sha256 is not None and digest != config.init_sha256:
         raise ConfigError(f"{source} changed since this run started from it (sha256 {config.init_sha256[:12]}..., "
                           f"now {digest[:12]}...); restore it or start a new run")
-    modules = resolve_models(source, config.init_preset, config.init_meta, device="cpu")
+    # Only an official checkpoint (a torch zip archive) needs its configuration named; a stylenat model
+    # carries its own, and there --preset is just the training recipe (checked against the model later).
+    official = zipfile.is_zipfile(source)
+    if config.init_meta is not None and not official:
+        raise ConfigError(f"--meta describes an official checkpoint, but {source} is a stylenat model with its own "
+                          "configuration: drop --meta")
+    init_preset = _official_init_preset(config) if official else None
+    modules = resolve_models(source, init_preset, config.init_meta, device="cpu")
     if "g_ema" not in modules:
         modules["g_ema"] = modules["g"]
-    return config.replace(init=str(source), init_sha256=digest), modules
+    return config.replace(init=str(source), init_sha256=digest, init_preset=init_preset), modules
+
+
+def _official_init_preset(config: TrainConfig) -> str | None:
+    """The named preset an official ``init`` checkpoint is read with: ``init_preset`` itself, or for a
+    family (``--preset ffhq``) its named member at ``resolution`` or the data's size."""
+    from stylenat.data import native_resolution
+    from stylenat.models import FAMILIES, PRESETS
+
+    family = config.init_preset
+    if family not in FAMILIES:
+        return family
+    size = config.resolution if config.resolution is not None else native_resolution(config.data)[0]
+    named = [n for n in PRESETS if n.startswith(family)]
+    if size is not None and f"{family}{size}" in PRESETS:
+        return f"{family}{size}"
+    where = (f"there is no named {family} preset at {size}x{size}" if size is not None else
+             f"the size is not known ({config.data} does not set it and --resolution is not given)")
+    raise ConfigError(f"--preset {family} is a family, and an official checkpoint is read with the named preset it was "
+                      f"trained with ({', '.join(named)}) or --meta META.json; {where}")
 
 
 def train(config: TrainConfig) -> Path:
@@ -207,6 +278,7 @@ class _Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
+        check_deterministic_support(cfg, self.device)  # before anything is written, not hours into the run
         self._deterministic_before = torch.are_deterministic_algorithms_enabled()
         if cfg.deterministic:
             _use_deterministic_kernels(self.device)
@@ -261,10 +333,11 @@ class _Trainer:
         self.inception = None
         if self.info.is_main and cfg.metrics:
             from stylenat.metrics.inception import load_inception
-            from stylenat.metrics.registry import needs_inception
+            from stylenat.metrics.registry import naming_the_metrics, needs_inception
 
             if needs_inception(list(cfg.metrics)):
-                self.inception = load_inception(cfg.inception, device=self.device)
+                with naming_the_metrics(list(cfg.metrics)):
+                    self.inception = load_inception(cfg.inception, device=self.device)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -357,7 +430,7 @@ class _Trainer:
         requires_grad(self.G, False)
         requires_grad(self.d_params, True)
         self.d_opt.zero_grad(set_to_none=True)
-        reals, total, bcr_total = [], 0.0, 0.0
+        reals, total, bcr_total, signs = [], 0.0, 0.0, 0.0
         for _ in range(accum):
             real, real_c = self._reals()
             reals.append((real, real_c))
@@ -374,11 +447,13 @@ class _Trainer:
                     bcr = bcr + cfg.bcr_fake * consistency_loss(self._d(aug, fake_c), fake_logits)
             if self.ada is not None:
                 self.ada.accumulate(real_logits)
+            signs = signs + real_logits.detach().sign().float().mean() / accum
             ((loss + bcr) / accum).backward()
             total, bcr_total = total + loss.detach() / accum, bcr_total + bcr.detach() / accum
         norm = self._finish(self.d_opt, self.D, total + bcr_total, "D loss", cfg.d_clip)
-        # r_t = E[sign(D(real))], ADA's overfitting heuristic, logged for every run.
-        stats = {"d_loss": total, "bcr": bcr_total, "d_grad_norm": norm, "r_t": real_logits.detach().sign().float().mean(),
+        # r_t = E[sign(D(real))], ADA's overfitting heuristic, logged for every run: over every micro-batch
+        # of the step (equal sizes), the logits ADA's controller accumulates.
+        stats = {"d_loss": total, "bcr": bcr_total, "d_grad_norm": norm, "r_t": signs,
                  "real_logits": real_logits.detach().float().mean(), "fake_logits": fake_logits.detach().float().mean()}
         return reals, stats
 
@@ -427,9 +502,15 @@ class _Trainer:
         cfg, state = self.cfg, self.state
         beta = ema_beta(cfg.ema_half_life)
         self.skipped = 0
-        self.log.line(f"{'resuming at' if state.step else 'starting'} step {state.step} of {cfg.steps}: preset {cfg.preset}, "
+        model = f"preset {cfg.preset}" if cfg.preset is not None else f"model from {cfg.init}"
+        self.log.line(f"{'resuming at' if state.step else 'starting'} step {state.step} of {cfg.steps}: {model}, "
                       f"{len(self.dataset)} images ({cfg.data}), batch {cfg.batch} x accum {cfg.accum} x {self.info.world} "
                       f"rank(s) on {self.device}, G {_count(self.G):,} / D {_count(self.D):,} params")
+        if self.cond:
+            names = self.g_cfg.classes
+            shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+            self.log.line(f"class-conditional: {len(names)} classes ({shown}); fakes draw their classes in the "
+                          "data's proportions")
         if state.step == 0:
             self._write_reals()
             self._write_fakes()
@@ -512,16 +593,18 @@ class _Trainer:
             save_image_grid(torch.stack([self.dataset[i] for i in range(n)]), self.run_dir / "reals.png", self.cfg.grid)
             return
         # One row per class (the first classes when there are more than rows), black where a class runs out.
-        images = torch.zeros(rows * cols, 3, self.g_cfg.resolution, self.g_cfg.resolution, dtype=torch.uint8)
-        for r, k in enumerate(self._grid_classes()):
+        classes = self._grid_classes()
+        images = torch.zeros(len(classes) * cols, 3, self.g_cfg.resolution, self.g_cfg.resolution, dtype=torch.uint8)
+        for r, k in enumerate(classes):
             members = (self.dataset.labels == k).nonzero().flatten()[:cols].tolist()
             for j, i in enumerate(members):
                 images[r * cols + j] = self.dataset[i][0]
-        save_image_grid(images, self.run_dir / "reals.png", self.cfg.grid)
+        save_image_grid(images, self.run_dir / "reals.png", (len(classes), cols))
 
     def _grid_classes(self) -> list[int]:
-        """The class of each grid row of a conditional run: 0, 1, ... (repeating when rows outnumber classes)."""
-        return [r % self.g_cfg.num_classes for r in range(self.cfg.grid[0])]
+        """The class of each grid row of a conditional run: one row per class, 0, 1, ..., as many as the
+        grid has rows (fewer rows than the grid when there are fewer classes)."""
+        return list(range(min(self.cfg.grid[0], self.g_cfg.num_classes)))
 
     @torch.no_grad()
     def _write_fakes(self) -> None:
@@ -532,12 +615,13 @@ class _Trainer:
         from stylenat.models import model_to_uint8, seeds_to_z
 
         rows, cols = self.cfg.grid
+        rows = len(self._grid_classes()) if self.cond else rows
         z = seeds_to_z(range(rows * cols), self.g_cfg.style_dim)
         c = torch.tensor(self._grid_classes()).repeat_interleave(cols) if self.cond else None
         images = [model_to_uint8(self.G_ema(z[i:i + self.cfg.batch].to(self.device),
                                             c=None if c is None else c[i:i + self.cfg.batch].to(self.device)), self.g_cfg).cpu()
                   for i in range(0, len(z), self.cfg.batch)]
-        save_image_grid(torch.cat(images), self.run_dir / f"fakes_{self.state.step:09d}.png", self.cfg.grid)
+        save_image_grid(torch.cat(images), self.run_dir / f"fakes_{self.state.step:09d}.png", (rows, cols))
 
     def _metrics_due(self) -> bool:
         step = self.state.step
@@ -594,6 +678,26 @@ class _Trainer:
             raise UserError("rank 0 could not write a checkpoint; see its log")
         self.last_save = time.monotonic()
         return path
+
+
+def check_deterministic_support(cfg: TrainConfig, device: str | torch.device) -> None:
+    """ConfigError when ``cfg.deterministic`` asks ``device`` for a kernel torch does not have deterministically.
+
+    The one case: ADA's geometric transforms (``aug_pipe`` with 'g') resample with ``F.grid_sample``,
+    whose CUDA backward is nondeterministic only, so ``torch.use_deterministic_algorithms`` would make
+    the first step that draws one raise, possibly hours into the run. Checked with the device the run
+    will use (a string such as "cuda:0" works too, so it is testable without one).
+    """
+    from stylenat.train.ada import resamples
+
+    device = torch.device(device)
+    if not (cfg.deterministic and device.type == "cuda" and cfg.aug == "ada" and cfg.aug_p != 0):
+        return
+    if resamples(cfg.aug_pipe):
+        raise ConfigError(f"--deterministic with --aug ada on {device}: ADA's geometric transforms (aug_pipe "
+                          f"'{cfg.aug_pipe}' has 'g') resample with F.grid_sample, whose backward has no deterministic "
+                          "CUDA kernel, so training would fail at the first augmented step; drop --deterministic, or "
+                          f"use transforms without geometry (--set aug_pipe={cfg.aug_pipe.replace('g', '') or 'b'})")
 
 
 def _use_deterministic_kernels(device: torch.device) -> None:

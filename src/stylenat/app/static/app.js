@@ -202,11 +202,17 @@ function buildSliders(count) {
 
 const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
 
+// A number from the server; those JSON cannot hold arrive as "inf", "-inf" or "nan".
+function num(x, digits) {
+  if (typeof x === "number") return x.toFixed(digits);
+  return x === "inf" ? "∞" : x === "-inf" ? "−∞" : String(x);
+}
+
 async function pollProjection(id) {
   for (;;) {
     const s = await answer(await fetch(`/api/project/${id}`));
     $("project-progress").value = s.step / s.steps;
-    $("project-text").textContent = `${s.state}: step ${s.step} of ${s.steps}` + (s.loss === null ? "" : `, loss ${s.loss.toFixed(4)}`);
+    $("project-text").textContent = `${s.state}: step ${s.step} of ${s.steps}` + (s.loss === null ? "" : `, loss ${num(s.loss, 4)}`);
     if (s.state === "done") return finishProjection(s);
     if (s.state === "failed" || s.state === "stopped") throw new Error(`projection ${s.state}${s.error ? ": " + s.error : ""}`);
     await sleep(500);
@@ -216,7 +222,7 @@ async function pollProjection(id) {
 function finishProjection(s) {
   $("project-target").src = s.target;
   $("project-image").src = s.image;
-  $("project-caption").textContent = `projection: PSNR ${s.psnr.toFixed(2)} dB (${s.distance})`;
+  $("project-caption").textContent = `projection: PSNR ${num(s.psnr, 2)} dB (${s.distance})`;
   state.projected = s.latent;
   for (const p of Object.values(state.pickers)) p.kind.options[1].disabled = false;
 }
@@ -225,7 +231,9 @@ function startProjection() {
   const file = $("project-file").files[0];
   task("projection", async () => {
     if (!file) throw new Error("choose an image file first");
-    const res = await fetch(`/api/project?steps=${Number($("project-steps").value)}`, {
+    const query = new URLSearchParams({ steps: Number($("project-steps").value) });
+    if (state.info.classes.length) query.set("class", Number($("class").value));  // the class chosen in the header
+    const res = await fetch(`/api/project?${query}`, {
       method: "POST", body: file, headers: { "content-type": file.type || "application/octet-stream" },
     });
     const job = await answer(res);
