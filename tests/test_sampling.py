@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,17 +20,21 @@ from tests.test_projection import varied_tiny
 SIZE = 32  # the tiny preset
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
+def save_tiny_model(folder: Path) -> Path:
     """A tiny generator saved in the project format, with ToRGB weights large enough for varied pixels."""
     torch.manual_seed(0)
     g = build_generator("tiny")
     for p in g.synthesis.to_rgbs.parameters():  # the 0.02-gain init gives near-constant images
         torch.nn.init.normal_(p, std=0.3)
     g.compute_w_avg(n=256)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    path = folder / "tiny.safetensors"
     save_model(path, {"g_ema": g}, g.config)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

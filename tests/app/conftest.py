@@ -5,20 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stylenat.models import build_generator, resolve_model, save_model
+from stylenat.models import build_generator, resolve_model
+from tests.test_sampling import save_tiny_model
 
 
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory):
-    """A tiny generator saved in the project format, with ToRGB weights large enough for varied pixels."""
-    torch.manual_seed(0)
-    g = build_generator("tiny")
-    for p in g.synthesis.to_rgbs.parameters():  # the 0.02-gain init gives near-constant images
-        torch.nn.init.normal_(p, std=0.3)
-    g.compute_w_avg(n=256)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(path, {"g_ema": g}, g.config)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +22,6 @@ def g(model_file):
 @pytest.fixture(scope="session")
 def cond_g(g):
     """A class-conditional tiny generator with two named classes, "cat" and "dog" (random weights)."""
-    from stylenat.models import build_generator
-
     torch.manual_seed(1)
     cond = build_generator(g.config.replace(num_classes=2, class_names=("cat", "dog"))).eval()
     for p in cond.synthesis.to_rgbs.parameters():

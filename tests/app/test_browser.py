@@ -7,15 +7,11 @@ Playwright's own browser download is not used: it launches /usr/bin/chromium (or
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("starlette", reason='the app extra is not installed: pip install "stylenat[app]"')
 pytest.importorskip("uvicorn", reason='the app extra is not installed: pip install "stylenat[app]"')
@@ -27,6 +23,7 @@ if not os.path.exists(CHROMIUM):
 from stylenat.app import Explorer  # noqa: E402
 from stylenat.app.server import BackgroundServer  # noqa: E402
 from stylenat.sampling import generate  # noqa: E402
+from tests.app.test_server import pixels, png_bytes  # noqa: E402
 
 # No sandbox (root in a container), and no background traffic: the machine may have no network.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -80,17 +77,8 @@ def cond_page(browser, cond_server):
     yield from open_page(browser, cond_server)
 
 
-def pixels(data_url: str) -> torch.Tensor:
-    """A PNG data URL -> uint8 [3, H, W]."""
-    assert data_url.startswith("data:image/png;base64,")
-    png = base64.b64decode(data_url.split(",", 1)[1])
-    return torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB"))).permute(2, 0, 1)
-
-
 def png_upload(image: torch.Tensor, name: str = "face.png") -> dict:
-    buffer = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-    return {"name": name, "mimeType": "image/png", "buffer": buffer.getvalue()}
+    return {"name": name, "mimeType": "image/png", "buffer": png_bytes(image)}
 
 
 def test_changing_the_seed_changes_the_image(page):
