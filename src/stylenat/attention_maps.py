@@ -112,8 +112,7 @@ def attention_maps(g: nn.Module, seed: int | Tensor, pixel: tuple[int, int], res
         for r in wanted for j, block in enumerate(stages[r].blocks)
     ]
     try:
-        with torch.no_grad():
-            raw = g.synthesis(as_ws(g, seed[None] if isinstance(seed, Tensor) else [seed], truncation_psi, labels))
+        raw = g.synthesis(as_ws(g, seed[None] if isinstance(seed, Tensor) else [seed], truncation_psi, labels))
     finally:
         for hook in hooks:
             hook.remove()

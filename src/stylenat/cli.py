@@ -316,12 +316,12 @@ def _lpips_for(args: argparse.Namespace, device) -> tuple:
             return load_lpips(args.lpips_vgg, args.lpips_lin, device=device), "distance: lpips-vgg16"
         except MissingFileError as exc:
             # One file named and present: the error is about the other one, so name it first.
-            if args.lpips_vgg and not args.lpips_lin and Path(args.lpips_vgg).is_file():
-                raise MissingFileError(f"--lpips-vgg is given, but LPIPS's second file, its lin weights ({LIN_NAME}), "
-                                       f"is missing (pass it with --lpips-lin PATH). {exc}") from None
-            if args.lpips_lin and not args.lpips_vgg and Path(args.lpips_lin).is_file():
-                raise MissingFileError(f"--lpips-lin is given, but LPIPS's second file, the VGG16 weights ({VGG_NAME}), "
-                                       f"is missing (pass it with --lpips-vgg PATH). {exc}") from None
+            files = [("--lpips-vgg", args.lpips_vgg, f"the VGG16 weights ({VGG_NAME})"),
+                     ("--lpips-lin", args.lpips_lin, f"its lin weights ({LIN_NAME})")]
+            for (flag, given, _), (other, other_given, what) in (files, files[::-1]):
+                if given and not other_given and Path(given).is_file():
+                    raise MissingFileError(f"{flag} is given, but LPIPS's second file, {what}, is missing "
+                                           f"(pass it with {other} PATH). {exc}") from None
             raise
     return None, ("distance: laplacian-pyramid, the fallback: no LPIPS weights found (--distance lpips "
                   "says where to get and put them)")
@@ -521,19 +521,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--discriminator", action="append", default=[], metavar="FIELD=VALUE", help="override a DiscriminatorConfig field (JSON value)")
     p.set_defaults(func=_cmd_train)
 
+    def measure_args(p):
+        """The two image sets and how they are read: shared by fid and metrics."""
+        p.add_argument("first", metavar="MODEL_OR_FOLDER", help="model file or run directory (its g_ema), or an image folder/zip")
+        p.add_argument("real", metavar="REAL_FOLDER_OR_ZIP", help="real images: folder or zip (raw or prepared), or demo")
+        p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth (default: $STYLENAT_INCEPTION, then the cache dir)")
+        p.add_argument("--resolution", type=int, help="side both sets are read at (default: the model's; needed for two image "
+                                                      "sets); a model's images at another size are Lanczos-resized to it")
+        p.add_argument("--batch", type=int, default=32, help="images per forward (default 32)")
+        p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+        p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default 0: in the main process)")
+
     p = sub.add_parser("fid", help="FID (and KID) of a model or an image set against a real image set",
                        description="FID with the TF-ported Inception (pt_inception-2015-12-05). Real-set "
                                    "statistics are cached in $STYLENAT_CACHE (default ~/.cache/stylenat).")
-    p.add_argument("first", metavar="MODEL_OR_FOLDER", help="model file or run directory (its g_ema), or an image folder/zip")
-    p.add_argument("real", metavar="REAL_FOLDER_OR_ZIP", help="real images: folder or zip (raw or prepared), or demo")
+    measure_args(p)
     p.add_argument("--num", type=int, default=50000, help="generated images, or images taken from the first set (default 50000)")
-    p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth (default: $STYLENAT_INCEPTION, then the cache dir)")
     p.add_argument("--kid", action="store_true", help="also compute KID (100 subsets of 1000)")
-    p.add_argument("--resolution", type=int, help="side both sets are read at (default: the model's; needed for two image "
-                                                  "sets); a model's images at another size are Lanczos-resized to it")
-    p.add_argument("--batch", type=int, default=32, help="images per forward (default 32)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default 0: in the main process)")
     p.set_defaults(func=_cmd_fid)
 
     p = sub.add_parser("metrics", help="FID, KID, precision/recall and SWD of a model or an image set against real images",
@@ -541,17 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "distance of Laplacian-pyramid patches, x1e3; needs no weights file), each with an "
                                    "optional image count, e.g. fid50k, swd2k. fid, kid and pr need the Inception "
                                    "weights (--inception).")
-    p.add_argument("first", metavar="MODEL_OR_FOLDER", help="model file or run directory (its g_ema), or an image folder/zip")
-    p.add_argument("real", metavar="REAL_FOLDER_OR_ZIP", help="real images: folder or zip (raw or prepared), or demo")
+    measure_args(p)
     p.add_argument("--metrics", default="fid", help="comma-separated names, e.g. fid,kid,pr,swd (default fid)")
     p.add_argument("--num", type=int, help="images of the first set for every metric (default: each name's count; "
                                             "fid/kid/pr 50000, swd 10000)")
-    p.add_argument("--resolution", type=int, help="side both sets are read at (default: the model's; needed for two image "
-                                                  "sets); a model's images at another size are Lanczos-resized to it")
-    p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth (default: $STYLENAT_INCEPTION, then the cache dir)")
-    p.add_argument("--batch", type=int, default=32, help="images per forward (default 32)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default 0: in the main process)")
     p.add_argument("--per-class", action="store_true", help="also every metric per class of the labelled real data "
                                                             "(a conditional model's images of that class against them)")
     p.add_argument("--out", default="metrics.json", help="JSON file of the results (default metrics.json)")

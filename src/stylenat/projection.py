@@ -252,17 +252,10 @@ def resolve_label(g: nn.Module, label: int | str | None) -> int | None:
         g: a stylenat generator.
         label: a class index or class name (see :func:`stylenat.sampling.class_index`), or None.
     """
-    from stylenat.sampling import class_index
+    from stylenat.sampling import class_indices
 
-    if not g.config.num_classes:
-        if label is not None:
-            raise ConfigError(f"this model is unconditional: it takes no class, got {label!r} "
-                              "(drop --class; Python: label=None)")
-        return None
-    if label is None:
-        raise ConfigError(f"this model is class-conditional ({g.config.num_classes} classes): give the class of "
-                          "the target (--class N or NAME; Python: label=...)")
-    return class_index(g, label)
+    c = class_indices(g, label, 1, keyword="label")
+    return None if c is None else int(c[0])
 
 
 @torch.no_grad()
@@ -276,14 +269,15 @@ def w_stats(g: nn.Module, samples: int = 10000, seed: int = W_STATS_SEED, batch:
         label: for a class-conditional model, the class (index or name) every z is mapped with:
             the statistics are that class's. Required for such a model, refused for others.
     """
+    from stylenat.sampling import class_indices
+
     index = resolve_label(g, label)
     gen = torch.Generator().manual_seed(seed)
     dev = g.w_avg.device
     chunks = []
     for i in range(0, samples, batch):
         z = torch.randn(min(batch, samples - i), g.style_dim, generator=gen).to(dev)
-        c = None if index is None else torch.full((len(z),), index, dtype=torch.long, device=dev)
-        chunks.append(g.mapping.embed(z, c))
+        chunks.append(g.mapping.embed(z, class_indices(g, index, len(z))))
     ws = torch.cat(chunks).double()
     avg = ws.mean(0)
     return avg.float(), float(((ws - avg).square().sum() / samples).sqrt())

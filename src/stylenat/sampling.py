@@ -31,6 +31,7 @@ from stylenat.models import seeds_to_z
 
 __all__ = [
     "class_index",
+    "class_indices",
     "generate",
     "style_mix",
     "interpolate",
@@ -103,16 +104,20 @@ def class_index(g: nn.Module, value) -> int:
     return classes.index(value)
 
 
-def _labels(g: nn.Module, labels, n: int) -> Tensor | None:
-    """Class indices [n] for a conditional generator: one class for all (an index, a name, a numpy
-    integer or a 0-d tensor) or one per image (a sequence, 1-d tensor or array of them)."""
+def class_indices(g: nn.Module, labels, n: int, keyword: str = "labels") -> Tensor | None:
+    """Class indices [n] on g's device for a conditional generator (None for an unconditional one):
+    one class for all (an index, a name, a numpy integer or a 0-d tensor) or one per image (a
+    sequence, 1-d tensor or array of them). ConfigError when a conditional model gets no class, an
+    unconditional one gets one, or a class does not exist; ``keyword``: the Python argument named
+    in the message."""
     if not g.config.num_classes:
         if labels is not None:
-            raise ConfigError("this model is unconditional: it takes no class")
+            raise ConfigError(f"this model is unconditional: it takes no class, got {labels!r} "
+                              f"(drop --class; Python: {keyword}=None)")
         return None
     if labels is None:
         raise ConfigError(f"this model is class-conditional ({g.config.num_classes} classes): choose a class "
-                          "(--class N or NAME; Python: labels=...)")
+                          f"(--class N or NAME; Python: {keyword}=...)")
     if isinstance(labels, str) or getattr(labels, "ndim", 1) == 0 or not isinstance(labels, Iterable):
         c = [class_index(g, labels)] * n
     else:
@@ -130,7 +135,7 @@ def seeds_to_w(g: nn.Module, seeds: Sequence[int], truncation_psi: float = 1.0,
     a conditional model: toward the mean w of each image's class; ``labels``: one class or one per seed)."""
     with _eval_mode(g):
         return g.mapping(seeds_to_z(seeds, g.style_dim, _device_of(g)), truncation_psi=truncation_psi,
-                         c=_labels(g, labels, len(seeds)))
+                         c=class_indices(g, labels, len(seeds)))
 
 
 def as_ws(g: nn.Module, sources: Sequence[int] | Tensor, truncation_psi: float = 1.0,
@@ -247,7 +252,7 @@ def interpolate(g: nn.Module, seeds: Sequence[int] | Tensor, frames_per_seed: in
     path = torch.cat([step(a, b, t) for a, b in pairs] + ([] if loop else [keys[-1:]]))
     if space == "z":
         with _eval_mode(g):
-            path = g.mapping(path, truncation_psi=truncation_psi, c=_labels(g, labels, len(path)))
+            path = g.mapping(path, truncation_psi=truncation_psi, c=class_indices(g, labels, len(path)))
     return _synthesize(g, path, batch)
 
 

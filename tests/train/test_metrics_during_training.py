@@ -30,7 +30,7 @@ class FakeInception(torch.nn.Module):
 def test_metrics_logged_and_do_not_disturb_training(tmp_path, monkeypatch):
     monkeypatch.setenv("STYLENAT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr("stylenat.metrics.inception.load_inception", lambda path=None, **kw: FakeInception())
+    monkeypatch.setattr("stylenat.metrics.registry.load_inception", lambda path=None, **kw: FakeInception())
     common = [*MICRO, "--steps", "6", "--checkpoint-every", "6", "--seed", "3"]
     assert main(["train", *common, "--run-dir", str(tmp_path / "plain")]) == 0
     assert main(["train", *common, "--metrics", "fid64", "--metrics-every", "3", "--run-dir", str(tmp_path / "fid")]) == 0

@@ -21,8 +21,8 @@ from PIL import Image
 
 from stylenat.data.demo import DEMO_SIZE, DEMO_VERSION, draw_face
 from stylenat.data.images import decode_image, is_image_name, pil_to_tensor, square_resize
-from stylenat.data.labels import STYLEGAN_JSON, read_dataset_json, read_labels
-from stylenat.data.prepare import DATASET_FORMAT, output_name
+from stylenat.data.labels import STYLEGAN_JSON, read_labels
+from stylenat.data.prepare import output_name, prepared_meta
 from stylenat.data.sources import FileSource
 from stylenat.errors import ConfigError, DataError
 
@@ -168,14 +168,13 @@ def open_dataset(path_or_demo: str | os.PathLike, resolution: int, *, xflip: boo
         dataset = DemoDataset(resolution, xflip)
     else:
         source = FileSource(path_or_demo)
-        meta = read_dataset_json(source)
-        if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
+        meta = prepared_meta(source)
+        if meta is not None:
             dataset = PreparedDataset(source, meta, resolution, xflip)
         else:
             dataset = RawDataset(source, resolution, xflip)
     dataset.with_labels = labels and dataset.labels is not None
     return dataset
-
 
 
 def native_resolution(path_or_demo: str | os.PathLike, sample: int = 64) -> tuple[int | None, bool]:
@@ -189,8 +188,8 @@ def native_resolution(path_or_demo: str | os.PathLike, sample: int = 64) -> tupl
     if str(path_or_demo) == "demo":
         return None, False
     source = FileSource(path_or_demo)
-    meta = read_dataset_json(source)
-    if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
+    meta = prepared_meta(source)
+    if meta is not None:
         return int(meta["size"]), True
     files = [n for n in source.names if is_image_name(n)]
     sizes = set()
@@ -214,8 +213,8 @@ def dataset_classes(path_or_demo: str | os.PathLike) -> list[str]:
     if str(path_or_demo) == "demo":
         return []
     source = FileSource(path_or_demo)
-    meta = read_dataset_json(source)
-    if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
+    meta = prepared_meta(source)
+    if meta is not None:
         return list(meta.get("classes") or []) if meta.get("labels") is not None else []
     found = read_labels(source, [n for n in source.names if is_image_name(n)])
     return found.classes if found is not None else []

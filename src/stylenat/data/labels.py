@@ -30,7 +30,7 @@ from pathlib import Path
 from stylenat.data.sources import FileSource
 from stylenat.errors import ConfigError, DataError, MissingFileError
 
-__all__ = ["Labels", "read_labels", "read_dataset_json", "class_order", "STYLEGAN_JSON"]
+__all__ = ["Labels", "listed", "read_labels", "read_dataset_json", "class_order", "STYLEGAN_JSON"]
 
 STYLEGAN_JSON = "dataset.json"
 
@@ -43,7 +43,8 @@ class Labels:
     classes: list[str]
 
 
-def _names(items: list[str], what: str, limit: int = 5) -> str:
+def listed(items: list[str], what: str, limit: int = 5) -> str:
+    """For messages: "3 image(s): a.png, b.png, c.png", naming the first ``limit`` items."""
     shown = ", ".join(items[:limit])
     return f"{len(items)} {what}: {shown}" + (", ..." if len(items) > limit else "")
 
@@ -77,7 +78,7 @@ def _by_path(entries: list[tuple[str, object, str]], origin: str) -> dict[str, o
         where.setdefault(path, []).append(at)
     twice = [f"{path} ({', '.join(ats)})" for path, ats in where.items() if len(ats) > 1]
     if twice:
-        raise DataError(f"{origin} labels {_names(twice, 'file(s) more than once')}; give every image one label")
+        raise DataError(f"{origin} labels {listed(twice, 'file(s) more than once')}; give every image one label")
     return by_path
 
 
@@ -85,10 +86,10 @@ def _match(files: list[str], by_path: dict[str, object], origin: str) -> list[ob
     """The label of every file, in order; DataError naming files without a label and labels without a file."""
     missing = [f for f in files if f not in by_path]
     if missing:
-        raise DataError(f"{origin} has no label for {_names(missing, 'image(s)')}; label every image or remove them")
+        raise DataError(f"{origin} has no label for {listed(missing, 'image(s)')}; label every image or remove them")
     unknown = sorted(set(by_path) - set(files))
     if unknown:
-        raise DataError(f"{origin} labels {_names(unknown, 'file(s) that are not images of the dataset')}; "
+        raise DataError(f"{origin} labels {listed(unknown, 'file(s) that are not images of the dataset')}; "
                         "fix the paths (relative to the dataset's root)")
     return [by_path[f] for f in files]
 
@@ -105,7 +106,7 @@ def _from_json_values(files: list[str], values: list[object], origin: str) -> La
     bad = [f"{f} ({v!r})" for f, v in zip(files, values) if isinstance(v, bool) or not isinstance(v, (int, str))]
     if bad:
         what = "label(s) that are neither a class index (an integer) nor a class name (a string)"
-        raise DataError(f"{origin} has {_names(bad, what)}")
+        raise DataError(f"{origin} has {listed(bad, what)}")
     ints = [v for v in values if isinstance(v, int)]
     if ints and len(ints) != len(values):
         raise DataError(f"{origin}: labels must be all class indices (integers) or all class names (strings), "
@@ -113,11 +114,11 @@ def _from_json_values(files: list[str], values: list[object], origin: str) -> La
     if ints:
         negative = [f"{f} ({v})" for f, v in zip(files, values) if v < 0]
         if negative:
-            raise DataError(f"{origin} has {_names(negative, 'negative class index(es)')}; indices start at 0")
+            raise DataError(f"{origin} has {listed(negative, 'negative class index(es)')}; indices start at 0")
         return Labels(list(ints), [str(i) for i in range(max(ints) + 1)])
     empty = [f for f, v in zip(files, values) if not v.strip()]
     if empty:
-        raise DataError(f"{origin} has {_names(empty, 'image(s) with an empty label')}; name every image's class")
+        raise DataError(f"{origin} has {listed(empty, 'image(s) with an empty label')}; name every image's class")
     return _by_name(values)
 
 
@@ -136,7 +137,7 @@ def _from_stylegan_json(source: FileSource, files: list[str]) -> Labels | None:
 def _from_folders(source: FileSource, files: list[str]) -> Labels:
     loose = [f for f in files if "/" not in f]
     if loose:
-        raise DataError(f"--labels folders: {_names(loose, 'image(s) outside a class folder')} in {source.path}")
+        raise DataError(f"--labels folders: {listed(loose, 'image(s) outside a class folder')} in {source.path}")
     return _by_name([f.split("/", 1)[0] for f in files])
 
 
@@ -161,7 +162,7 @@ def _from_csv(path: Path, files: list[str]) -> Labels:
     except csv.Error as exc:
         raise DataError(f"{path}: not a readable CSV file at line {reader.line_num} ({exc})") from None
     if incomplete:
-        raise DataError(f"{path} has {_names(incomplete, 'row(s) without a path or a label')}; fill them in or remove them")
+        raise DataError(f"{path} has {listed(incomplete, 'row(s) without a path or a label')}; fill them in or remove them")
     return _by_name([str(v) for v in _match(files, _by_path(entries, str(path)), str(path))])
 
 

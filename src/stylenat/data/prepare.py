@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from stylenat.data.images import check_resize_options, decode_image, is_image_name, square_resize
-from stylenat.data.labels import Labels, read_dataset_json, read_labels
+from stylenat.data.labels import Labels, listed, read_dataset_json, read_labels
 from stylenat.data.sources import FileSource
 from stylenat.errors import ConfigError, DataError
 
@@ -147,10 +147,17 @@ def _ordered_map(workers: int):
         pool.shutdown(cancel_futures=True)
 
 
+def prepared_meta(source: FileSource) -> dict | None:
+    """The dataset.json of a dataset made by this tool; None for any other source (raw images, with
+    or without StyleGAN's dataset.json)."""
+    meta = read_dataset_json(source)
+    return meta if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT else None
+
+
 def _source_labels(source: FileSource, images: list[str], spec) -> Labels | None:
     """Labels of the source's image files; a dataset made by this tool keeps its own."""
-    meta = read_dataset_json(source) if spec is None else None
-    if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT:
+    meta = prepared_meta(source) if spec is None else None
+    if meta is not None:
         if meta.get("labels") is None:
             return None
         labels, classes = meta["labels"], meta.get("classes")
@@ -161,9 +168,8 @@ def _source_labels(source: FileSource, images: list[str], spec) -> Labels | None
         by_name = {output_name(i): label for i, label in enumerate(labels)}
         extra = [n for n in images if n not in by_name]
         if extra:
-            shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
-            raise DataError(f"{source.path} is a prepared dataset and its {DATASET_JSON} has no label for {len(extra)} "
-                            f"image(s) added to it: {shown}; remove them, or prepare from the original images")
+            raise DataError(f"{source.path} is a prepared dataset and its {DATASET_JSON} has no label for "
+                            f"{listed(extra, 'image(s) added to it')}; remove them, or prepare from the original images")
         return Labels([by_name[n] for n in images], [str(c) for c in classes])
     return read_labels(source, images, spec)
 

@@ -9,6 +9,7 @@ pytorch-fid publishes (a torchvision state dict) loads as it is.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -246,12 +247,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STYLENAT_CACHE") or Path.home() / ".cache" / "stylenat")
 
 
-def find_weights(path: str | os.PathLike | None = None) -> Path:
-    """The weights file: `path`, else $STYLENAT_INCEPTION, else <cache dir>/WEIGHTS_NAME."""
+def find_weights(path: str | os.PathLike | None = None, needed_by: Sequence[str] = ("FID",)) -> Path:
+    """The weights file: `path`, else $STYLENAT_INCEPTION, else <cache dir>/WEIGHTS_NAME.
+
+    needed_by: the metrics asking for it, named in the message when the file is missing.
+    """
     candidate = Path(path or os.environ.get("STYLENAT_INCEPTION") or cache_dir() / WEIGHTS_NAME)
     if not candidate.is_file():
+        names = list(needed_by) or ["FID"]
+        who = names[0] + " needs" if len(names) == 1 else ", ".join(names[:-1]) + f" and {names[-1]} need"
         raise InceptionWeightsError(
-            f"Inception weights not found at {candidate}. FID needs {WEIGHTS_NAME} (about 92 MB): "
+            f"Inception weights not found at {candidate}. {who} {WEIGHTS_NAME} (about 92 MB): "
             f"download it from {WEIGHTS_URL} and either pass it with --inception PATH, set "
             f"STYLENAT_INCEPTION=PATH, or put it at {cache_dir() / WEIGHTS_NAME}."
         )
@@ -279,16 +285,17 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) 
 
 
 def load_inception(path: str | os.PathLike | None = None, verify: bool = True,
-                   device: str | torch.device = "cpu") -> FIDInception:
+                   device: str | torch.device = "cpu", needed_by: Sequence[str] = ("FID",)) -> FIDInception:
     """The FID Inception network with its weights, in eval mode, mapping uint8 [B,3,H,W] -> [B,2048].
 
     Args:
         path: weights file; None looks at $STYLENAT_INCEPTION, then the cache dir (see find_weights).
         verify: check that the file's sha256 starts with 6726825d (False for tests with random weights).
         device: where the network runs.
+        needed_by: the metrics it is loaded for, named when the file is missing (see find_weights).
     Never downloads: a missing file raises one message saying where to get it and where to put it.
     """
-    source = find_weights(path)
+    source = find_weights(path, needed_by)
     digest = file_sha256(source)
     if verify and not digest.startswith(WEIGHTS_SHA256_PREFIX):
         raise InceptionWeightsError(

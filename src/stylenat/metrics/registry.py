@@ -21,7 +21,6 @@ generated images without truncation against the whole dataset; Frechet distance 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -32,10 +31,10 @@ import torch
 from stylenat.errors import ConfigError
 from stylenat.metrics.distances import frechet_distance, kernel_inception_distance
 from stylenat.metrics.features import Extractor, FeatureStats, dataset_features, extract, generated_images, is_image_set
-from stylenat.metrics.inception import InceptionWeightsError, load_inception
+from stylenat.metrics.inception import load_inception
 
 __all__ = ["KINDS", "METRICS", "MetricSpec", "parse_metric", "calc_metric", "measure", "evaluate", "compare", "needs_inception",
-           "naming_the_metrics"]
+           "load_inception_for"]
 
 # kind -> default number of images
 KINDS = {"fid": 50000, "kid": 50000, "pr": 50000, "swd": 10000}
@@ -94,16 +93,12 @@ def _read_at(batches, resolution: int):
         yield torch.stack([pil_to_tensor(square_resize(Image.fromarray(a), resolution)) for a in arrays]).to(images.device)
 
 
-@contextlib.contextmanager
-def naming_the_metrics(names: list[str]):
-    """Raise a missing or wrong Inception weights error naming the metrics that need the file (not just FID)."""
-    try:
-        yield
-    except InceptionWeightsError as exc:
-        kinds = list(dict.fromkeys(parse_metric(n).kind for n in names if parse_metric(n).kind in _INCEPTION))
-        which = [{"fid": "FID", "kid": "KID", "pr": "precision/recall (pr)"}[k] for k in kinds] or ["FID"]
-        who = which[0] + " needs" if len(which) == 1 else ", ".join(which[:-1]) + f" and {which[-1]} need"
-        raise InceptionWeightsError(str(exc).replace("FID needs", who, 1)) from None
+def load_inception_for(names: list[str], path: str | os.PathLike | None = None,
+                       device: str | torch.device = "cpu") -> Extractor:
+    """The Inception network for metrics ``names``; a missing file's message names those that need it."""
+    kinds = dict.fromkeys(parse_metric(n).kind for n in names if parse_metric(n).kind in _INCEPTION)
+    return load_inception(path, device=device,
+                          needed_by=[{"fid": "FID", "kid": "KID", "pr": "precision/recall (pr)"}[k] for k in kinds])
 
 
 def _swd_collect(batches, resolution: int, total: int, label: str, progress: bool):
@@ -239,8 +234,7 @@ def measure(first, real: str | os.PathLike, names: list[str], *, num: int | None
                               f"{theirs[:5]}{'...' if len(theirs) > 5 else ''}, the real data {classes[:5]}"
                               f"{'...' if len(classes) > 5 else ''}; they must be the same")
     if any(s.kind in _INCEPTION for s in specs) and extractor is None:
-        with naming_the_metrics(names):
-            extractor = load_inception(inception, device=device)
+        extractor = load_inception_for(names, inception, device)
     fake = _Images(path=first) if first_is_images else _Images(g=first, label_pool=real_set.labels)
     args = (resolution, extractor, batch, workers, progress)
     results = _compare(specs, fake, _Images(path=real), *args)
@@ -277,8 +271,7 @@ def calc_metric(name: str, g: torch.nn.Module, real: str | os.PathLike, extracto
     """{key: value} of one metric of generator ``g`` against ``real`` (for the training loop), without
     the image counts; ``extractor`` is the Inception network loaded once by a caller measuring often."""
     if parse_metric(name).kind in _INCEPTION and extractor is None:
-        with naming_the_metrics([name]):
-            extractor = load_inception(device=next(g.parameters()).device)
+        extractor = load_inception_for([name], device=next(g.parameters()).device)
     values = measure(g, real, [name], extractor=extractor, batch=batch, device=next(g.parameters()).device,
                      progress=progress)
     return {k: v for k, v in values.items() if not k.startswith("num_")}

@@ -332,12 +332,10 @@ class _Trainer:
         # Loaded up front so that missing Inception weights stop the run before any training.
         self.inception = None
         if self.info.is_main and cfg.metrics:
-            from stylenat.metrics.inception import load_inception
-            from stylenat.metrics.registry import naming_the_metrics, needs_inception
+            from stylenat.metrics.registry import load_inception_for, needs_inception
 
             if needs_inception(list(cfg.metrics)):
-                with naming_the_metrics(list(cfg.metrics)):
-                    self.inception = load_inception(cfg.inception, device=self.device)
+                self.inception = load_inception_for(list(cfg.metrics), cfg.inception, self.device)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
