@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from stylenat.nn.attention import HydraNeighborhoodAttention, _na2d_tiled, na2d, split_heads
+from stylenat.nn.flex import flex_compile_backend
+
+from .flex_helpers import cpu_backward_allowed, dense_backend
 
 TOL = 1e-10
 
@@ -91,12 +94,14 @@ def test_matches_oracle_with_gradients(backend, seed):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_flex_forward_matches_oracle(seed):
-    # flex_attention runs eagerly on CPU (forward only); this checks its mask_mod and score_mod.
+def test_flex_forward_matches_oracle(seed, fresh_flex):
+    # float64 through flex's traced graph run with its dense implementation (tests/nn/flex_helpers.py);
+    # inductor's CPU kernel, float32 only, is checked at the real shapes in test_flex.py.
     rng = random.Random(100 + seed)
     q, k, v, kernel, dil, rpb = random_case(rng, with_rpb=True)
     want = oracle(q, k, v, _pair(kernel), _pair(dil), rpb, 0.7)
-    assert_close(na2d(q, k, v, kernel, dil, rpb=rpb, scale=0.7, backend="flex"), want, what="flex output")
+    with flex_compile_backend(dense_backend()):
+        assert_close(na2d(q, k, v, kernel, dil, rpb=rpb, scale=0.7, backend="flex"), want, what="flex output")
 
 
 @pytest.mark.parametrize("tile", [1, 2, 3, 5, 16])
@@ -109,17 +114,18 @@ def test_tiled_any_tile_size(tile):
         assert_close(_na2d_tiled(q, k, v, _pair(kernel), _pair(dil), rpb, tile=tile), want, what=f"tile {tile}")
 
 
-def test_full_attention_even_kernel():
+def test_full_attention_even_kernel(fresh_flex):
     # The 4x4 stage: kernel 4 on a 4x4 map is full attention with a 7x7 bias.
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 4, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
     rpb = torch.randn(3, 7, 7, generator=g, dtype=torch.float64)
     want = oracle(q, k, v, (4, 4), (1, 1), rpb, 8**-0.5)
     for backend in ("reference", "tiled", "flex"):
-        assert_close(na2d(q, k, v, 4, rpb=rpb, backend=backend), want, what=backend)
+        with flex_compile_backend(dense_backend()):
+            assert_close(na2d(q, k, v, 4, rpb=rpb, backend=backend), want, what=backend)
 
 
-def test_natten_fixture_cases(official_dir):
+def test_natten_fixture_cases(official_dir, fresh_flex):
     # the full set's 7 cases, or the committed compact subset of them (tests/fixtures/official)
     cases = torch.load(official_dir / "natten0175_na2d_cases.pt", weights_only=True)
     assert len(cases) > 0
@@ -131,8 +137,13 @@ def test_natten_fixture_cases(official_dir):
             assert_close(out, c["out"], what=f"case {i} {backend} out")
             for name, g in zip(["q", "k", "v", "rpb"], grads):
                 assert_close(g, c[f"grad_{name}"], what=f"case {i} {backend} grad_{name}")
-        flex = na2d(c["q"], c["k"], c["v"], c["kernel_size"], c["dilation"], rpb=rpb, scale=c["scale"], backend="flex")
-        assert_close(flex, c["out"], what=f"case {i} flex out")
+        # flex's traced forward and backward graphs (bias gradient included), run densely
+        fn = lambda q, k, v, r: na2d(q, k, v, c["kernel_size"], c["dilation"], rpb=r, scale=c["scale"], backend="flex")
+        with flex_compile_backend(dense_backend()), cpu_backward_allowed():
+            out, grads = run_with_grads(fn, c["q"], c["k"], c["v"], rpb, c["grad_out"])
+        assert_close(out, c["out"], what=f"case {i} flex out")
+        for name, g in zip(["q", "k", "v", "rpb"], grads):
+            assert_close(g, c[f"grad_{name}"], what=f"case {i} flex grad_{name}")
 
 
 @pytest.mark.parametrize("backend", ["reference", "tiled"])

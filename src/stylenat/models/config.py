@@ -68,6 +68,22 @@ class GeneratorConfig(JsonConfig):
     num_classes: int = param(0, min=0)
     class_names: tuple[str, ...] = ()
 
+    def attention_layers(self) -> list[dict]:
+        """One entry per (stage, head group): what each of its NA calls looks like.
+
+        Keys: resolution (map edge), heads (of the group), head_dim, kernel, dilation, calls (NA
+        calls of this shape per image: the stage's blocks).
+        """
+        from stylenat.nn.attention import split_heads
+
+        layers = []
+        for r, c, heads, ks, ds in zip(stage_resolutions(self.resolution), self.channels, self.heads,
+                                       self.kernels, self.dilations):
+            for nh, k, d in zip(split_heads(heads, len(ks)), ks, ds):
+                layers.append({"resolution": r, "heads": nh, "head_dim": c // heads, "kernel": k, "dilation": d,
+                               "calls": 2})
+        return layers
+
     def _check(self):
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ConfigError(f"GeneratorConfig.class_names has {len(self.class_names)} names for {self.num_classes} classes")

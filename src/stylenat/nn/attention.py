@@ -20,21 +20,28 @@ One function, :func:`na2d`, runs every backend:
     of a tile can see lie inside one (T+k-1) x (T+k-1) block of that group, so each tile is one
     small dense attention with a mask. Memory grows with H*W*(T+k-1)^2, never (H*W)^2.
 ``flex``
-    PyTorch flex_attention with a block mask: tokens are reordered so that each dilation group
-    and each 2-D tile is contiguous, the window is the ``mask_mod`` and the bias the
-    ``score_mod``. Compiled on CUDA; runs eagerly (and slowly) elsewhere, which is how the tests
-    check its semantics without a GPU.
+    PyTorch flex_attention with a block mask built from a 2-D tile layout (:mod:`stylenat.nn.flex`),
+    always compiled: on CUDA for training and inference, on the CPU for inference only. A call
+    that would recompile raises instead of falling back to the unfused kernel.
+
+``na2d(backend="auto")`` (what every model uses) picks one per call with :func:`choose_backend`;
+``STYLENAT_NA_BACKEND=auto|tiled|flex|reference`` or the :func:`na_backend` context manager force
+one backend for every such call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import warnings
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from stylenat.nn.flex import axis_window as _axis_window
+from stylenat.nn.flex import flex_block_mask, flex_layout_stats, run_flex
 
 __all__ = [
     "na2d",
@@ -43,6 +50,10 @@ __all__ = [
     "HydraNeighborhoodAttention",
     "split_heads",
     "BACKENDS",
+    "na_backend",
+    "forced_backend",
+    "flex_block_mask",
+    "flex_layout_stats",
 ]
 
 BACKENDS = ("reference", "tiled", "flex")
@@ -101,17 +112,6 @@ def check_na_args(
 # --------------------------------------------------------------------------------------------
 # Per-axis window geometry (shared by every backend; cached, tiny integer tensors)
 # --------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=256)
-def _axis_window(length: int, kernel: int, dilation: int) -> tuple[Tensor, Tensor, Tensor]:
-    """For each pixel i of an axis: (group g, sub-position j, window start s in sub-grid units)."""
-    i = torch.arange(length)
-    g = i % dilation
-    j = i // dilation
-    group_len = torch.div(length - g + dilation - 1, dilation, rounding_mode="floor")
-    s = torch.minimum(torch.clamp(j - kernel // 2, min=0), group_len - kernel)
-    return g, j, s
 
 
 @functools.lru_cache(maxsize=256)
@@ -212,116 +212,37 @@ def _gather_tiles(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 
 def _na2d_tiled(q: Tensor, k: Tensor, v: Tensor, ks, dil, rpb: Tensor | None, tile: int = DEFAULT_TILE) -> Tensor:
     b, heads, h, w, d = q.shape
-    dev = q.device
-    ay = _axis_tiles(h, ks[0], dil[0], tile)
-    ax = _axis_tiles(w, ks[1], dil[1], tile)
-    index = _tiled_bias_index(h, w, ks, dil, tile)
-    qy, qx, ky, kx = (t.to(dev) for t in (ay.q_idx, ax.q_idx, ay.k_idx, ax.k_idx))
+    qy, qx, ky, kx, index, inv_y, inv_x, index_shape = _tiled_tensors(h, w, ks, dil, tile, q.device)
     qt = _gather_tiles(q, qy, qx)
     kt = _gather_tiles(k, ky, kx)
     vt = _gather_tiles(v, ky, kx)
     # Bias table (one shared zero row without rpb) plus a -inf entry for keys outside the window.
     table = rpb.reshape(heads, -1) if rpb is not None else q.new_zeros(1, (2 * ks[0] - 1) * (2 * ks[1] - 1))
     table = torch.cat([table, table.new_full((table.shape[0], 1), float("-inf"))], dim=1)
-    bias = table.index_select(1, index.to(dev).reshape(-1)).reshape(table.shape[0], *index.shape)
+    bias = table.index_select(1, index).reshape(table.shape[0], *index_shape)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) + bias  # [B, h, ny, nx, Tqy*Tqx, Uy*Ux]
     out = scores.softmax(dim=-1) @ vt  # [B, h, ny, nx, Tqy*Tqx, D]
-    ny, tqy = ay.q_idx.shape
-    nx, tqx = ax.q_idx.shape
+    ny, tqy = qy.shape
+    nx, tqx = qx.shape
     out = out.reshape(b, heads, ny, nx, tqy, tqx, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, heads, ny * tqy, nx * tqx, d)
-    return out.index_select(2, ay.inv.to(dev)).index_select(3, ax.inv.to(dev))
+    return out.index_select(2, inv_y).index_select(3, inv_x)
 
 
-# ---- flex attention ----------------------------------------------------------------------------
+# The tiled path's index tensors, per device: built once, so a call copies nothing to the device.
+_TILED_DEVICE: dict = {}
 
 
-@functools.lru_cache(maxsize=128)
-def _flex_layout(h: int, w: int, ks: tuple, dil: tuple, tile: int):
-    """Token order for flex attention and per-token window data, as CPU tensors.
-
-    Tokens are ordered by (dilation group y, group x, tile y, tile x, row in tile, col in tile), so
-    every query tile and its key block are contiguous runs; block masks then stay sparse.
-    """
-    gy, jy, sy = _axis_window(h, ks[0], dil[0])
-    gx, jx, sx = _axis_window(w, ks[1], dil[1])
-    yy = torch.arange(h)[:, None].expand(h, w).reshape(-1)
-    xx = torch.arange(w)[None, :].expand(h, w).reshape(-1)
-    key = (
-        ((gy[yy] * dil[1] + gx[xx]) * h + jy[yy] // tile) * w
-        + jx[xx] // tile
-    ) * (tile * tile) + (jy[yy] % tile) * tile + jx[xx] % tile
-    perm = torch.argsort(key)  # new position -> original flat pixel
-    info = torch.stack(
-        [gy[yy], jy[yy], sy[yy], gx[xx], jx[xx], sx[xx]], dim=0
-    )[:, perm].contiguous()  # [6, N] per token in new order
-    inv = torch.argsort(perm)
-    return perm, inv, info
-
-
-_FLEX_CACHE: dict = {}
-
-
-def _flex_fns():
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    return create_block_mask, flex_attention
-
-
-def _na2d_flex(q: Tensor, k: Tensor, v: Tensor, ks, dil, rpb: Tensor | None, scale: float, tile: int = DEFAULT_TILE) -> Tensor:
-    create_block_mask, flex_attention = _flex_fns()
-    b, heads, h, w, d = q.shape
-    dev = q.device
-    perm, inv, info = _flex_layout(h, w, ks, dil, tile)
-    perm, inv, info = perm.to(dev), inv.to(dev), info.to(dev)
-    gy, jy, sy, gx, jx, sx = info.unbind(0)
-    kyk, kxk = ks
-
-    def mask_mod(b_, h_, qi, ki):
-        return (
-            (gy[qi] == gy[ki])
-            & (gx[qi] == gx[ki])
-            & (jy[ki] >= sy[qi])
-            & (jy[ki] < sy[qi] + kyk)
-            & (jx[ki] >= sx[qi])
-            & (jx[ki] < sx[qi] + kxk)
-        )
-
-    n = h * w
-    cache_key = (h, w, ks, dil, tile, str(dev))
-    block_mask = _FLEX_CACHE.get(cache_key)
-    if block_mask is None:
-        # Compiled on CUDA so the mask is evaluated block by block, never as an N x N tensor.
-        block_mask = create_block_mask(mask_mod, None, None, n, n, device=dev, _compile=dev.type == "cuda")
-        _FLEX_CACHE[cache_key] = block_mask
-
-    score_mod = None
-    if rpb is not None:
-        table_w = 2 * kxk - 1
-
-        def score_mod(score, b_, h_, qi, ki):
-            ry = (jy[ki] - jy[qi] + kyk - 1).clamp(0, 2 * kyk - 2)
-            rx = (jx[ki] - jx[qi] + kxk - 1).clamp(0, 2 * kxk - 2)
-            return score + rpb_flat[h_, ry * table_w + rx]
-
-        rpb_flat = rpb.reshape(heads, -1).to(q.dtype)
-
-    def flat(t):
-        return t.reshape(b, heads, n, d).index_select(2, perm)
-
-    if dev.type == "cuda":
-        out = _compiled_flex()(flat(q), flat(k), flat(v), score_mod=score_mod, block_mask=block_mask, scale=scale)
-    else:
-        # Off CUDA flex runs its unfused eager path; that is deliberate (tests), so mute its advice.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            out = flex_attention(flat(q), flat(k), flat(v), score_mod=score_mod, block_mask=block_mask, scale=scale)
-    return out.index_select(2, inv).reshape(b, heads, h, w, d)
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    _, flex_attention = _flex_fns()
-    return torch.compile(flex_attention, dynamic=False)
+def _tiled_tensors(h: int, w: int, ks: tuple, dil: tuple, tile: int, dev: torch.device) -> tuple:
+    key = (h, w, ks, dil, tile, str(dev))
+    found = _TILED_DEVICE.get(key)
+    if found is None:
+        ay = _axis_tiles(h, ks[0], dil[0], tile)
+        ax = _axis_tiles(w, ks[1], dil[1], tile)
+        index = _tiled_bias_index(h, w, ks, dil, tile)
+        found = _TILED_DEVICE[key] = tuple(
+            t.to(dev) for t in (ay.q_idx, ax.q_idx, ay.k_idx, ax.k_idx, index.reshape(-1), ay.inv, ax.inv)
+        ) + (index.shape,)
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,9 +250,10 @@ def _compiled_flex():
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
 def _flex_importable() -> bool:
     try:
-        _flex_fns()
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
     except Exception:  # pragma: no cover - depends on the torch build
         return False
     return True
@@ -348,8 +270,40 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return names
 
 
+def _check_backend_name(name: str, where: str) -> str:
+    if name not in ("auto",) + BACKENDS:
+        raise ValueError(f"{where}: unknown attention backend {name!r}; choose auto, tiled, flex or reference")
+    return name
+
+
+# What "auto" resolves to when forced: the environment's choice, changed by na_backend().
+_FORCED = [_check_backend_name(os.environ.get("STYLENAT_NA_BACKEND", "auto").strip() or "auto", "STYLENAT_NA_BACKEND")]
+
+
+def forced_backend() -> str:
+    """The backend every ``auto`` call is forced to, or ``"auto"`` (none forced)."""
+    return _FORCED[0]
+
+
+@contextlib.contextmanager
+def na_backend(name: str):
+    """Force the backend of every ``na2d(backend="auto")`` call (every model) inside the block.
+
+    ``name``: ``"auto"`` (the per-call choice again), ``"tiled"``, ``"flex"`` or ``"reference"``.
+    The environment variable ``STYLENAT_NA_BACKEND`` sets the same for a whole process.
+    """
+    before = _FORCED[0]
+    _FORCED[0] = _check_backend_name(name, "na_backend")
+    try:
+        yield
+    finally:
+        _FORCED[0] = before
+
+
 def choose_backend(q: Tensor) -> str:
     """The backend ``na2d(backend="auto")`` uses for a tensor like ``q``.
+
+    A forced backend (:func:`na_backend`, ``STYLENAT_NA_BACKEND``) wins. Otherwise:
 
     flex_attention on CUDA for float16/bfloat16/float32 maps of at least 16x16 tokens with
     head_dim >= 16 (its compiled kernels cover those; smaller maps gain nothing from a block mask),
@@ -357,6 +311,8 @@ def choose_backend(q: Tensor) -> str:
     ``torch.use_deterministic_algorithms(True)`` it is always the tiled path: flex accumulates the
     bias gradient with atomic adds, whose order varies from run to run.
     """
+    if _FORCED[0] != "auto":
+        return _FORCED[0]
     _, _, h, w, d = q.shape
     if (
         q.device.type == "cuda"
@@ -409,7 +365,7 @@ def na2d(
     if backend == "auto":
         backend = choose_backend(q)
     if backend == "flex":
-        return _na2d_flex(q, k, v, ks, dil, rpb, float(scale))
+        return run_flex(q, k, v, ks, dil, rpb, float(scale))
     q = q * scale
     if backend == "tiled":
         return _na2d_tiled(q, k, v, ks, dil, rpb)
