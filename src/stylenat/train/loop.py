@@ -399,21 +399,25 @@ class _Trainer:
 
     def _latents(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Latents of a batch of fakes, and their class indices drawn from the data's label distribution."""
-        z = torch.randn(self.cfg.batch, self.g_cfg.style_dim, generator=self.gen).to(self.device)
+        z = _to_device(torch.randn(self.cfg.batch, self.g_cfg.style_dim, generator=self.gen), self.device)
         if not self.cond:
             return z, None
         pick = torch.randint(len(self.dataset.labels), (self.cfg.batch,), generator=self.gen)
-        return z, self.dataset.labels[pick].to(self.device)
+        return z, _to_device(self.dataset.labels[pick], self.device)
 
     def _fakes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         z, c = self._latents()
         return self.G(z, c=c), c
 
     def _finish(self, opt: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor, what: str, clip: float | None = None) -> torch.Tensor:
-        """Average gradients over ranks, clip, and step unless something is not finite."""
+        """Average gradients over ranks, clip, and step unless something is not finite (on any rank)."""
         dist.average_gradients(module)
         norm = nn.utils.clip_grad_norm_(module.parameters(), clip if clip is not None else math.inf)
-        if dist.all_ranks_true(bool(torch.isfinite(loss) & torch.isfinite(norm)), self.device):
+        # The number of ranks where both are finite, summed on the device: reading it is this optimizer
+        # step's one host synchronization (docs/gpu.md), the same verdict on every rank.
+        finite = (torch.isfinite(loss) & torch.isfinite(norm)).to(torch.float32)
+        dist.sum_(finite)
+        if float(finite) == self.info.world:
             opt.step()
             return norm
         message = f"step {self.state.step}: non-finite {what} (loss {loss.item():.4g}, grad norm {norm.item():.4g})"
@@ -433,7 +437,10 @@ class _Trainer:
             real, real_c = self._reals()
             reals.append((real, real_c))
             with self.autocast:
-                fake, fake_c = self._fakes()
+                # G is frozen here and its images are only D's inputs (bCR on fakes needs gradients
+                # w.r.t. D alone): no autograd state, and one grad mode less for compiled attention.
+                with torch.no_grad():
+                    fake, fake_c = self._fakes()
                 real_logits, fake_logits = self._d(real, real_c), self._d(fake, fake_c)
                 loss = d_logistic_loss(real_logits, fake_logits)
                 bcr = real_logits.new_zeros(())
@@ -564,8 +571,7 @@ class _Trainer:
         if not self.info.is_main:
             return
         step, images = self.state.step, self.state.images
-        keys = sorted({k for s in window for k in s})
-        means = {k: float(torch.stack([torch.as_tensor(s[k]).float().cpu() for s in window if k in s]).mean()) for k in keys}
+        means = _window_means(window)
         img_s = self.cfg.batch * self.cfg.accum * self.info.world / sec_per_step
         record = {"step": step, "kimg": images / 1000, **means,
                   "lr_d": self.d_opt.param_groups[0]["lr"], "lr_g": self.g_opt.param_groups[0]["lr"], "lr_factor": factor,
@@ -706,6 +712,37 @@ def _use_deterministic_kernels(device: torch.device) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fresh CPU tensor on ``device``, without a host synchronization on CUDA.
+
+    A blocking host-to-device copy waits for every kernel queued before it (cudaMemcpyAsync, then a
+    stream synchronization); from pinned memory with ``non_blocking`` it is only queued (the caching
+    host allocator keeps the pinned block until the copy has run). Elsewhere ``t.to(device)``.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _window_means(window: list[dict]) -> dict[str, float]:
+    """The mean of each statistic over a tick's steps, in float32 on the CPU.
+
+    Every device tensor of the window comes to the host in one copy (each ``.cpu()`` is a host
+    synchronization); the means are then those of the values one by one, bit for bit.
+    """
+    keys = sorted({k for s in window for k in s})
+    entries = [(k, torch.as_tensor(s[k]).float()) for s in window for k in keys if k in s]
+    on_device = [i for i, (_, v) in enumerate(entries) if v.device.type != "cpu"]
+    if on_device:
+        fetched = torch.stack([entries[i][1] for i in on_device]).cpu()
+        for j, i in enumerate(on_device):
+            entries[i] = (entries[i][0], fetched[j])
+    values: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    for k, v in entries:
+        values[k].append(v)
+    return {k: float(torch.stack(v).mean()) for k, v in values.items()}
 
 
 def _count(module: nn.Module) -> int:
