@@ -215,3 +215,21 @@ def test_ffhq256_generator_with_flex_forced_equals_tiled(inductor_units):
             got = g(z)
     assert ((got - want).norm() / want.norm()).item() < 1e-5
     assert flex.flex_graph_count() <= len(layer_shapes("ffhq256")), flex.flex_graphs()  # the layer test's graphs
+
+
+def test_global_settings_get_their_own_graphs(fresh_flex):
+    # dynamo guards every frame on TF32, threads, autocast...: changing one between calls must
+    # compile another function (or nothing), never trip the recompile error.
+    x = torch.randn(2, 1, 8, 8, 16)
+    before = torch.backends.cuda.matmul.allow_tf32
+    with flex_compile_backend(dense_backend()), torch.no_grad():
+        na2d(x, x, x, 3, backend="flex")
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = not before
+            na2d(x, x, x, 3, backend="flex")
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            na2d(x, x, x, 3, backend="flex")  # autocast is off inside the call: the first graph again
+        na2d(x.bfloat16(), x.bfloat16(), x.bfloat16(), 3, backend="flex")
+    assert flex.flex_graph_count() == 3, flex.flex_graphs()

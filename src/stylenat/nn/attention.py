@@ -194,7 +194,7 @@ def _na2d_reference(q: Tensor, k: Tensor, v: Tensor, ks, dil, rpb: Tensor | None
     scores = q.reshape(b, heads, h * w, d) @ k.reshape(b, heads, h * w, d).transpose(-1, -2)
     if rpb is not None:
         index = (rel_y[:, None, :, None] * rpb.shape[-1] + rel_x[None, :, None, :]).reshape(h * w, h * w)
-        scores = scores + rpb.reshape(heads, -1)[:, index.to(q.device)]
+        scores = scores + rpb.reshape(heads, -1)[:, index.to(q.device)].to(scores.dtype)
     scores = scores.masked_fill(~allowed, float("-inf"))
     out = scores.softmax(dim=-1) @ v.reshape(b, heads, h * w, d)
     return out.reshape(b, heads, h, w, d)
@@ -219,7 +219,9 @@ def _na2d_tiled(q: Tensor, k: Tensor, v: Tensor, ks, dil, rpb: Tensor | None, ti
     # Bias table (one shared zero row without rpb) plus a -inf entry for keys outside the window.
     table = rpb.reshape(heads, -1) if rpb is not None else q.new_zeros(1, (2 * ks[0] - 1) * (2 * ks[1] - 1))
     table = torch.cat([table, table.new_full((table.shape[0], 1), float("-inf"))], dim=1)
-    bias = table.index_select(1, index).reshape(table.shape[0], *index_shape)
+    # Gathered from the table in its own precision, cast after: the bias gradient then sums in
+    # float32 even when q is bfloat16 (summing thousands of bf16 terms loses 5-17 % of it).
+    bias = table.index_select(1, index).reshape(table.shape[0], *index_shape).to(q.dtype)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) + bias  # [B, h, ny, nx, Tqy*Tqx, Uy*Ux]
     out = scores.softmax(dim=-1) @ vt  # [B, h, ny, nx, Tqy*Tqx, D]
     ny, tqy = qy.shape
@@ -252,11 +254,14 @@ def _tiled_tensors(h: int, w: int, ks: tuple, dil: tuple, tile: int, dev: torch.
 
 @functools.lru_cache(maxsize=1)
 def _flex_importable() -> bool:
+    """flex needs a torch whose BlockMask takes its sequence lengths and set_stance (torch >= 2.6)."""
     try:
+        import inspect
+
         from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
     except Exception:  # pragma: no cover - depends on the torch build
         return False
-    return True
+    return "seq_lengths" in inspect.signature(BlockMask.__init__).parameters and hasattr(torch.compiler, "set_stance")
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -361,10 +366,13 @@ def na2d(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if rpb is not None:
-        rpb = rpb.to(dtype=q.dtype)
+        # float32 at least for half-precision q: its gradient is a sum over every query
+        rpb = rpb.to(dtype=torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
     if backend == "auto":
         backend = choose_backend(q)
     if backend == "flex":
+        if not _flex_importable():
+            raise ValueError(f"backend 'flex' needs torch >= 2.6 with flex_attention (this is {torch.__version__}); use 'tiled'")
         return run_flex(q, k, v, ks, dil, rpb, float(scale))
     q = q * scale
     if backend == "tiled":

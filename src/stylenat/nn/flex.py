@@ -50,9 +50,10 @@ __all__ = [
     "reset_flex_graphs",
 ]
 
-# Compiled NA functions one process may hold. A whole training run of ffhq1024 (the largest
-# preset) needs 56 (tests/nn/test_flex_graphs.py counts them); each costs seconds of compile time.
-FLEX_GRAPH_LIMIT = 96
+# Compiled NA functions one process may hold: a safety net, since the count is bounded by
+# construction. The most a preset's training run needs is church256's with bf16 autocast and flex
+# forced on every layer: 22 layer shapes x 4 variants = 88 (tests/nn/test_flex_graphs.py).
+FLEX_GRAPH_LIMIT = 128
 
 # Q and KV block sizes tried by the layout search (tokens per block).
 _Q_BLOCKS = (32, 64, 128)
@@ -504,6 +505,15 @@ def _variant(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None) -> tuple:
             "grad" if grad else "nograd", needs, rpb is not None)
 
 
+def _global_state() -> tuple:
+    """The process-wide settings dynamo guards every compiled frame on (autocast is switched off
+    around the call, so it is not among them): one function per combination."""
+    matmul = torch.backends.cuda.matmul
+    return (bool(matmul.allow_tf32), bool(matmul.allow_fp16_reduced_precision_reduction),
+            bool(matmul.allow_bf16_reduced_precision_reduction), torch.get_num_threads(),
+            torch.are_deterministic_algorithms_enabled(), str(torch.get_default_dtype()))
+
+
 def run_flex(q: Tensor, k: Tensor, v: Tensor, ks: tuple, dil: tuple, rpb: Tensor | None, scale: float) -> Tensor:
     """NA through the compiled flex kernel (see the module docstring)."""
     dev = q.device
@@ -536,7 +546,8 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, ks: tuple, dil: tuple, rpb: Tensor
     if not torch.is_grad_enabled():  # views keep requires_grad under no_grad; dynamo guards on it
         q, k, v = q.detach(), k.detach(), v.detach()
         rpb = None if rpb is None else rpb.detach()
-    key = (h, w, ks, dil, heads, d, str(plan.q_perm.device), granule, _backend_name(backend), scale) + variant
+    key = (h, w, ks, dil, heads, d, str(plan.q_perm.device), granule, _backend_name(backend), scale) + variant \
+        + _global_state()
     unit = _UNITS.get(key)
     if unit is None:
         with _UNITS_LOCK:
@@ -555,11 +566,14 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, ks: tuple, dil: tuple, rpb: Tensor
     if variant[1] == "bN":
         for t in (q, k, v):
             torch._dynamo.maybe_mark_dynamic(t, 0)
+    # q, k, v arrive in autocast's dtype already; inside, nothing more is cast.
+    no_autocast = torch.autocast(dev.type, enabled=False)
     if unit.calls == 0:
-        out = unit.fn(q, k, v, rpb, plan, scale, options)
+        with no_autocast:
+            out = unit.fn(q, k, v, rpb, plan, scale, options)
     else:
         try:
-            with torch.compiler.set_stance("fail_on_recompile"):
+            with torch.compiler.set_stance("fail_on_recompile"), no_autocast:
                 out = unit.fn(q, k, v, rpb, plan, scale, options)
         except RuntimeError as exc:
             if "fail_on_recompile" not in str(exc):
@@ -573,7 +587,7 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, ks: tuple, dil: tuple, rpb: Tensor
 
 
 def _describe(key: tuple) -> str:
-    h, w, ks, dil, heads, d, device, granule, backend, _, dtype, batch, grad, needs, has_rpb = key
+    h, w, ks, dil, heads, d, device, granule, backend, _, dtype, batch, grad, needs, has_rpb, tf32, *_ = key
     need = "".join(n for n, f in zip("qkvb", needs) if f) or "-"
     return (f"{h}x{w} k{ks[0]}x{ks[1]} d{dil[0]}x{dil[1]} heads {heads} dim {d} on {device}, {dtype}, {batch}, "
-            f"{grad}, requires grad: {need}, {backend}")
+            f"{grad}, requires grad: {need}, {backend}{', tf32' if tf32 else ''}")
