@@ -511,7 +511,8 @@ def _global_state() -> tuple:
     matmul = torch.backends.cuda.matmul
     return (bool(matmul.allow_tf32), bool(matmul.allow_fp16_reduced_precision_reduction),
             bool(matmul.allow_bf16_reduced_precision_reduction), torch.get_num_threads(),
-            torch.are_deterministic_algorithms_enabled(), str(torch.get_default_dtype()))
+            torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            str(torch.get_default_dtype()), torch.is_inference_mode_enabled())
 
 
 def run_flex(q: Tensor, k: Tensor, v: Tensor, ks: tuple, dil: tuple, rpb: Tensor | None, scale: float) -> Tensor:
@@ -529,13 +530,25 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, ks: tuple, dil: tuple, rpb: Tensor
         if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"backend 'flex' supports float32, bfloat16 and float16, got {q.dtype}; use 'tiled'")
     _, heads, h, w, d = q.shape
-    # CUDA's bf16/fp16 backward kernels use 64-token blocks; float32 and every forward take 16.
-    granule = 64 if dev.type == "cuda" and q.dtype != torch.float32 and any(variant[3]) else 16
+    training = variant[2] == "grad" and any(variant[3])
+    if dev.type == "cuda":
+        if d < 16:
+            raise ValueError(f"backend 'flex' on CUDA needs head_dim >= 16 (flex_attention's kernels), got {d}; "
+                             "use 'tiled' or 'auto'")
+        if training and torch.are_deterministic_algorithms_enabled():
+            raise ValueError("backend 'flex' accumulates the bias gradient with atomic adds, which is not "
+                             "deterministic; use 'tiled' (what 'auto' picks) with deterministic algorithms")
+    # CUDA's bf16/fp16 backward kernels need 64-token blocks on Hopper (sm90) and 128 elsewhere
+    # (their only configs outside autotuning); float32 and every forward take 16.
+    granule = 16
+    if dev.type == "cuda" and q.dtype != torch.float32 and training:
+        granule = 64 if torch.cuda.get_device_capability(dev) == (9, 0) else 128
     plan = flex_plan(h, w, ks, dil, dev, granule, full_width=dev.type == "cpu" and backend == "inductor")
     lay = plan.layout
     options = None
     if dev.type == "cuda":
-        options = {"BLOCK_M": min(lay.q_block, 64), "BLOCK_N": min(lay.kv_block, 64)}
+        # Every query (padding repeats included) sees at least one key: no fully masked rows.
+        options = {"BLOCK_M": min(lay.q_block, 64), "BLOCK_N": min(lay.kv_block, 64), "ROWS_GUARANTEED_SAFE": True}
     if torch.compiler.is_compiling():  # inside someone's torch.compile: let that compile inline it
         return _na_flex(q, k, v, None if rpb is None else rpb.reshape(heads, -1), plan, scale, options)
     # One stride pattern per function (dynamo guards on strides): the heads of a fused qkv
