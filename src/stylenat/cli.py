@@ -204,6 +204,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.no_images and grid is None and not args.classes:
         raise UserError("--no-images without --grid would write nothing; add --grid ROWSxCOLS")
     g = _load_generator(args)
+    if args.compile:
+        from stylenat.models.compiled import compile_generator
+
+        compile_generator(g, "default")  # no CUDA graphs: the images are kept across passes
     if args.classes:  # one row per class, one column per seed
         if not g.config.num_classes:
             raise UserError("--classes: this model is unconditional (it has no classes)")
@@ -407,17 +411,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from stylenat.metrics.throughput import benchmark
     from stylenat.models import PRESETS, build_generator, default_device
+    from stylenat.models.compiled import keep_freed_memory
 
+    fast = args.mode == "fast"
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.model in PRESETS and not Path(args.model).exists():
         g = build_generator(args.model).to(default_device(args.device))  # random weights time the same
     else:
         g = _load_generator(args)
+    cuda = next(g.parameters()).device.type == "cuda"
+    # The fast mode: bf16 autocast and TF32 on CUDA; on the CPU float32, and freed memory kept for reuse.
+    dtype = args.dtype or ("bfloat16" if fast and cuda else "float32")
+    if fast and cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    kept = keep_freed_memory() if fast and not cuda else False
     batches = parse_ints(args.batch, "--batch") if args.batch else None
-    report = {"model": args.model, **benchmark(g, batches, args.warmup, args.iters, getattr(torch, args.dtype))}
-    print(f"{report['device_name']} ({report['device']}), {report['dtype']}, {report['parameters']:,} parameters, "
-          f"{report['gflops_per_image']:.4g} GFLOP/image")
+    report = {"model": args.model, **benchmark(g, batches, args.warmup, args.iters, getattr(torch, dtype),
+                                               mode=args.mode, compile_mode=args.compile_mode)}
+    if report["compile"] is not None:
+        report["compile"]["keep_freed_memory"] = kept
+    print(f"{report['device_name']} ({report['device']}), {report['mode']} mode, {report['dtype']}, "
+          f"{report['parameters']:,} parameters, {report['gflops_per_image']:.4g} GFLOP/image")
+    if report["compile"] is not None:
+        c = report["compile"]
+        print(f"compiled: inductor, mode {c['mode']}, freeze {c['freeze']}, setup {c['setup_s']:.1f} s; compile time "
+              + ", ".join(f"batch {r['batch']} {r['compile_s']:.1f} s" for r in report["results"]))
     print(f"{'batch':>5} {'img/s':>9} {'ms/img':>9} {'peak MiB':>9} {'TFLOP/s':>8} {'of peak':>8}")
     for r in report["results"]:
         frac = "-" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.1f}%"
@@ -586,6 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(columns: the seeds), and seed<N>-<class>.png files; "
                                                           "every class, so not with --class")
     p.add_argument("--out", required=True, help="output folder (seed0000.png, ..., grid.png)")
+    p.add_argument("--compile", action="store_true", help="run the generator compiled (torch.compile, inductor): "
+                                                          "faster passes after a slow first one per batch size")
     sampling_args(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -668,7 +690,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", help="batch sizes (default 1,32 on CUDA, 1,8 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed passes (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--iters", type=int, help="timed passes (default 500 on CUDA, 10 on CPU)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="float32, or bfloat16 autocast")
+    p.add_argument("--mode", choices=["paper", "fast"], default="paper",
+                   help="paper (default): the model as it is, eager; fast: compiled with torch.compile (inductor), "
+                        "on CUDA with CUDA graphs, bf16 autocast and TF32, on the CPU in float32 with frozen weights "
+                        "and freed memory kept for reuse; the compile time is reported apart from the timed passes")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of --mode fast (default: reduce-overhead on CUDA, default on the CPU)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="float32, or bfloat16 autocast (default float32; bfloat16 in the fast mode on CUDA)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (the paper's fp32/TF32 setting)")
     p.add_argument("--out", metavar="JSON", help="also write the results as JSON")
     p.set_defaults(func=_cmd_bench)

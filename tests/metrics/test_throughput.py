@@ -73,6 +73,9 @@ def test_cli_bench_preset(tmp_path, capsys):
     assert main(["bench", "tiny", "--device", "cpu", "--batch", "1", "--warmup", "0", "--iters", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["model"] == "tiny" and report["results"][0]["iters"] == 1
+    # The paper mode (the default): eager, nothing compiled; no warm-up pass, so no first pass timed.
+    assert report["mode"] == "paper" and report["compile"] is None
+    assert report["results"][0]["compile_s"] is None and report["results"][0]["first_pass_ms"] is None
     assert "img/s" in capsys.readouterr().out
 
 

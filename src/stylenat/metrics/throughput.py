@@ -4,6 +4,12 @@ Protocol (the paper's throughput measurement): g_ema, batch 1, 10 warm-up passes
 timed with CUDA events; a larger batch shows the throughput ceiling. On the CPU the defaults
 shrink to 3 warm-up and 10 timed passes, timed by the wall clock.
 
+Modes (``benchmark(mode=...)``, ``stylenat bench --mode``): ``paper`` runs the generator eagerly as
+it is (the protocol above); ``fast`` compiles it first (:func:`stylenat.models.compiled.compile_generator`:
+inductor, CUDA graphs on CUDA, frozen weights on the CPU) and reports the compile time apart from
+the timed passes: the first warm-up pass at each batch size is timed on its own (``first_pass_ms``;
+compiled, it includes compiling that shape) and ``compile_s`` is that pass less a timed one.
+
 FLOPs count multiply-adds as 2 and cover the matrix products only (linear layers, attention
 scores and weighted sums, the 1x1 ToRGB convs and the FIR skip upsampling as executed on the
 zero-stuffed map); norms, activations, softmax and bias additions are left out. That is what
@@ -13,7 +19,6 @@ other models measured the same way.
 
 from __future__ import annotations
 
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -21,12 +26,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from stylenat._system import peak_rss_bytes
+from stylenat._system import cpu_name, peak_rss_bytes
 from stylenat.errors import ConfigError
 from stylenat.models.config import GeneratorConfig, stage_resolutions
 from stylenat.nn.attention import split_heads
 
-__all__ = ["generator_flops", "generator_flops_breakdown", "peak_flops", "PEAK_TFLOPS", "measure_throughput", "benchmark"]
+__all__ = ["generator_flops", "generator_flops_breakdown", "peak_flops", "PEAK_TFLOPS", "MODES", "measure_throughput",
+           "benchmark"]
 
 # Dense peak TFLOP/s from NVIDIA's data sheets, per (device, math): "fp32" plain CUDA cores,
 # "tf32" / "bf16" tensor cores without sparsity. Keys are matched against the device name in order.
@@ -89,13 +95,18 @@ def measure_throughput(g: nn.Module, batch: int, warmup: int, iters: int, dtype:
     """Time ``iters`` forward passes z -> image of ``batch`` images after ``warmup`` untimed ones.
 
     Args:
-        g: the generator, in eval mode on its device. batch: images per pass.
+        g: the generator, in eval mode on its device (eager, or compiled by
+            :func:`stylenat.models.compiled.compile_generator`). batch: images per pass.
         warmup, iters: untimed and timed passes. dtype: float32, or bfloat16 (autocast).
     Returns:
-        batch, warmup, iters, ms_per_pass (mean, median), ms_per_img, img_per_s and peak_memory_bytes
+        batch, warmup, iters, ms_per_pass (mean, median, min), ms_per_img, img_per_s, peak_memory_bytes
         (CUDA: max_memory_allocated over the timed passes; CPU: growth of the process's peak RSS,
-        0 when an earlier peak was higher).
+        0 when an earlier peak was higher), and first_pass_ms: the first warm-up pass on its own,
+        wall clock, synchronized (for a compiled g it includes compiling this shape; None without
+        warm-up).
     """
+    from stylenat.models.compiled import compile_settings
+
     dev = next(g.parameters()).device
     cuda = dev.type == "cuda"
     z = torch.randn(batch, g.style_dim, generator=torch.Generator().manual_seed(0)).to(dev)
@@ -103,14 +114,30 @@ def measure_throughput(g: nn.Module, batch: int, warmup: int, iters: int, dtype:
     classes = g.mapping.num_classes
     c = torch.arange(batch, device=dev) % classes if classes else None
     autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+    settings = compile_settings(g)
+    # CUDA graphs: each pass is a new step, so the previous pass's (discarded) outputs may be reused.
+    mark_step = torch.compiler.cudagraph_mark_step_begin if settings and settings["cudagraphs"] else (lambda: None)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    first = None
     with autocast:
-        for _ in range(warmup):
+        for i in range(warmup):
+            sync()
+            t0 = time.perf_counter()
+            mark_step()
             g(z, c=c)
+            if i == 0:
+                sync()
+                first = (time.perf_counter() - t0) * 1e3
         if cuda:
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
             for start, end in events:
+                mark_step()
                 start.record()
                 g(z, c=c)
                 end.record()
@@ -127,12 +154,16 @@ def measure_throughput(g: nn.Module, batch: int, warmup: int, iters: int, dtype:
             memory = peak_rss_bytes() - rss
     mean = sum(times) / len(times)
     return {"batch": batch, "warmup": warmup, "iters": iters, "ms_per_pass": mean,
-            "ms_per_pass_median": sorted(times)[len(times) // 2], "ms_per_img": mean / batch,
-            "img_per_s": 1e3 * batch / mean, "peak_memory_bytes": int(memory)}
+            "ms_per_pass_median": sorted(times)[len(times) // 2], "ms_per_pass_min": min(times), "ms_per_img": mean / batch,
+            "img_per_s": 1e3 * batch / mean, "peak_memory_bytes": int(memory), "first_pass_ms": first}
+
+
+MODES = ("paper", "fast")
 
 
 def benchmark(g: nn.Module, batches: Sequence[int] | None = None, warmup: int | None = None, iters: int | None = None,
-              dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
+              dtype: torch.dtype = torch.float32, progress: bool = True, mode: str = "paper",
+              compile_mode: str | None = None) -> dict:
     """Throughput of ``g`` at each batch size, with the device, parameter and FLOP counts.
 
     Args:
@@ -140,8 +171,18 @@ def benchmark(g: nn.Module, batches: Sequence[int] | None = None, warmup: int | 
             ascending order; default 1 and 32 on CUDA, 1 and 8 elsewhere.
         warmup, iters: untimed and timed passes; default 10 / 500 on CUDA, 3 / 10 elsewhere.
         dtype: float32 or bfloat16. progress: print one line per batch size on stderr.
-    Returns a JSON-ready dict (see the README's bench section).
+        mode: ``paper`` (g as it is, eager) or ``fast``: g is compiled in place first
+            (:func:`stylenat.models.compiled.compile_generator` with ``compile_mode``, default
+            per device); needs warmup >= 1, the pass that compiles.
+    Returns a JSON-ready dict (see the README's bench section): with ``mode``, ``compile`` (the
+    settings and ``setup_s``, the eager pass and wrapping before the first compiled pass; None in
+    paper mode) and per batch size ``first_pass_ms`` and ``compile_s`` (first pass less the median
+    timed pass; None in paper mode).
     """
+    from stylenat.models.compiled import compile_generator, compile_settings
+
+    if mode not in MODES:
+        raise ConfigError(f"unknown bench mode {mode!r}; choose one of {', '.join(MODES)}")
     dev = next(g.parameters()).device
     cuda = dev.type == "cuda"
     warmup = (10 if cuda else 3) if warmup is None else warmup
@@ -149,19 +190,29 @@ def benchmark(g: nn.Module, batches: Sequence[int] | None = None, warmup: int | 
     batches = ((1, 32) if cuda else (1, 8)) if batches is None else batches
     if warmup < 0 or iters < 1 or not batches or min(batches) < 1:
         raise ConfigError("need warmup >= 0, iters >= 1 and batch sizes >= 1")
-    name = torch.cuda.get_device_name(dev) if cuda else (platform.processor() or platform.machine())
+    if mode == "fast" and warmup < 1:
+        raise ConfigError("the fast mode needs warmup >= 1: the first pass at each batch size compiles")
+    name = torch.cuda.get_device_name(dev) if cuda else cpu_name()
     flops = generator_flops(g.config)
     peak = peak_flops(name, dtype) if cuda else None
     g.eval()
+    compiled = None
+    if mode == "fast":
+        t0 = time.perf_counter()
+        compile_generator(g, compile_mode)
+        compiled = {**compile_settings(g), "setup_s": time.perf_counter() - t0}
     results = []
     for batch in sorted(set(batches)):
         r = measure_throughput(g, batch, warmup, iters, dtype)
         r["achieved_tflops"] = flops * r["img_per_s"] / 1e12
         r["peak_fraction"] = None if peak is None else flops * r["img_per_s"] / peak
+        r["compile_s"] = None if compiled is None else (r["first_pass_ms"] - r["ms_per_pass_median"]) / 1e3
         results.append(r)
         if progress:
-            print(f"batch {batch}: {r['img_per_s']:.2f} img/s, {r['ms_per_img']:.2f} ms/img", file=sys.stderr)
+            extra = "" if compiled is None else f" (first pass {r['first_pass_ms'] / 1e3:.1f} s: compiling)"
+            print(f"batch {batch}: {r['img_per_s']:.2f} img/s, {r['ms_per_img']:.2f} ms/img{extra}", file=sys.stderr)
     return {
+        "mode": mode, "compile": compiled,
         "device": str(dev), "device_name": name,
         "threads": torch.get_num_threads() if not cuda else None,
         "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
