@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -126,8 +127,14 @@ def main() -> None:
               f"{r['peak_memory_bytes'] / 2**30:>8.2f}", flush=True)
     out = args.out or RESULTS / f"generator_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/generator.py " + " ".join(sys.argv[1:])
-    out.write_text(json.dumps({"hardware": hardware, "torch": torch.__version__, "command": command.strip(),
+    argv, skip = [], False  # the command without --note (stored on its own)
+    for a in sys.argv[1:]:
+        if skip or a == "--note":
+            skip = not skip
+            continue
+        argv.append(a)
+    command = shlex.join(["python", "benchmarks/generator.py", *argv])
+    out.write_text(json.dumps({"hardware": hardware, "torch": torch.__version__, "command": command,
                                "note": args.note, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -3,11 +3,11 @@
 :func:`compile_generator` compiles a generator in place (``nn.Module.compile``: its state dict,
 attributes and saving are unchanged), both ``g(z)`` and ``g.synthesis(ws)`` (what sampling calls):
 
-* one graph per (batch size, grad mode, dtype): shapes are static (``dynamic=False``), so the first
-  pass at a new batch size compiles again (ffhq256 on 2 CPU cores: about a minute cold, 15-45 s
-  with inductor's on-disk cache warm; tiny: a few seconds);
+* one graph per (batch size, grad mode, dtype, thread count): shapes are static (``dynamic=False``),
+  so the first pass at a new batch size compiles again (ffhq256 at batch 1 on 2 CPU cores: about
+  40 s with inductor's on-disk kernel cache warm, minutes cold; tiny: 10-20 s);
 * CPU default: inductor's default mode with *freezing* (parameters folded into the graph as
-  constants, linear weights prepacked for oneDNN) for passes under ``torch.no_grad()``;
+  constants, linear weights prepacked for MKL/oneDNN) for passes under ``torch.no_grad()``;
 * CUDA default: ``mode="reduce-overhead"`` (CUDA graphs: a batch-1 pass is launch-bound), no
   freezing.
 
@@ -15,9 +15,11 @@ Freezing bakes the weights in at the first pass: weights changed afterwards (tra
 another checkpoint into the same module) are not seen; compile again after that. Under autograd,
 inductor does not freeze, so a compiled generator still trains, only without that gain.
 
-Before compiling, one eager pass at batch 1 fills the attention layout caches (they are built
-with Python loops and ``.item()``, which dynamo cannot trace without breaking the graph); with
-them filled the whole forward is one graph with no graph break.
+Before compiling, one eager pass at batch 1 fills the attention layout caches: a miss builds them
+with Python loops and ``.item()`` (tiled) or under a lock (flex), which dynamo cannot trace
+without breaking the graph; with them filled the whole forward is one graph with no graph break.
+On CUDA that eager pass also compiles the per-layer flex units of the eager path (taken from
+inductor's disk cache when an earlier run compiled them).
 
 :func:`keep_freed_memory` is the other CPU setting of the fast mode: glibc then keeps freed memory
 for reuse instead of unmapping it, so the large per-pass buffers stop page-faulting (on 2 cores,
@@ -114,9 +116,11 @@ def keep_freed_memory() -> bool:
 
     Large blocks are then taken from the heap instead of fresh ``mmap`` pages (M_MMAP_MAX 0) and
     the heap is not trimmed (M_TRIM_THRESHOLD 2 GiB), so a pass reuses the pages of the one
-    before instead of page-faulting on new ones. The process's memory then stays at its peak.
-    Process-wide and not undone: for a process that only samples or benchmarks. Returns True where
-    it applied (Linux with glibc), False elsewhere (nothing changes).
+    before instead of page-faulting on new ones. The process's memory then stays at its peak, and
+    can grow past it from fragmentation (ffhq256 eager at batch 8 on the CPU: 9.3 GiB peak RSS
+    instead of 4.6; at batch 1 1.7 instead of 1.5). Process-wide and not undone: for a process that
+    only samples or benchmarks. Returns True where it applied (Linux with glibc), False elsewhere
+    (nothing changes).
     """
     if not sys.platform.startswith("linux"):
         return False
