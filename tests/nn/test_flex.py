@@ -4,6 +4,7 @@ reference, and the guarantees around compiling (no recompiles, a bounded number 
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from .flex_helpers import cpu_backward_allowed, dense_backend
 from .test_attention import _pair, oracle, random_case
 
 
-def layer_shapes(preset: str) -> list[tuple[int, int, int, int]]:
+def layer_shapes(preset: str) -> list[tuple[int, int, int, int, int]]:
     """(resolution, heads, head_dim, kernel, dilation) of every NA layer shape of a preset, once each."""
     g, _ = get_preset(preset)
     return sorted({(l["resolution"], l["heads"], l["head_dim"], l["kernel"], l["dilation"]) for l in g.attention_layers()})
@@ -175,10 +176,10 @@ def test_forcing_a_backend():
     code = "from stylenat.nn.attention import choose_backend, forced_backend; import torch; " \
            "print(forced_backend(), choose_backend(torch.empty(1, 1, 4, 4, 8)))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**__import__("os").environ, "STYLENAT_NA_BACKEND": "reference"})
+                         env={**os.environ, "STYLENAT_NA_BACKEND": "reference"})
     assert run.stdout.split() == ["reference", "reference"], run.stderr
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**__import__("os").environ, "STYLENAT_NA_BACKEND": "fastest"})
+                         env={**os.environ, "STYLENAT_NA_BACKEND": "fastest"})
     assert run.returncode != 0 and "STYLENAT_NA_BACKEND: unknown attention backend 'fastest'" in run.stderr
 
 

@@ -21,21 +21,17 @@ import dataclasses
 import pytest
 import torch
 
-from stylenat.models import build_generator, get_preset
+from stylenat.models import build_generator
 from stylenat.nn import flex
 from stylenat.nn.attention import na_backend
 from stylenat.nn.flex import FLEX_GRAPH_LIMIT, flex_compile_backend
 
 from .flex_helpers import CountingBackend, cpu_backward_allowed
+from .test_flex import layer_shapes
 
 # Graphs of one NA layer shape in a training run: fp32: no-grad batch, no-grad batch of 1, G step;
 # bf16 autocast: D step and G step in bf16, grids (a batch, a batch of 1) in fp32.
 VARIANTS = {False: 3, True: 4}
-
-
-def distinct_shapes(preset: str) -> int:
-    g, _ = get_preset(preset)
-    return len({(l["resolution"], l["heads"], l["head_dim"], l["kernel"], l["dilation"]) for l in g.attention_layers()})
 
 
 def run_training_calls(g: torch.nn.Module, batch: int, grid: int, amp: bool) -> None:
@@ -71,7 +67,7 @@ def test_graphs_of_a_training_run(preset, amp, fresh_flex):
         run_training_calls(g, batch=2, grid=3, amp=amp)
         first = flex.flex_graph_count()
         run_training_calls(g, batch=2, grid=3, amp=amp)  # the next steps compile nothing
-    shapes = distinct_shapes(preset)
+    shapes = len(layer_shapes(preset))
     want = shapes * VARIANTS[amp]
     assert first == want == flex.flex_graph_count() == counter.graphs, flex.flex_graphs()
     assert counter.backward_graphs == shapes  # the G step's
@@ -96,5 +92,5 @@ def test_graphs_of_a_real_training_run_with_resume(tmp_path, fresh_flex):
         first = flex.flex_graph_count()
         flex.reset_flex_graphs()  # a new process
         resume(cfg.run_dir, steps=5)
-    shapes = distinct_shapes("tiny")
+    shapes = len(layer_shapes("tiny"))
     assert first == shapes * VARIANTS[False] == flex.flex_graph_count(), flex.flex_graphs()

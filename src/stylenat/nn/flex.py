@@ -239,8 +239,7 @@ def choose_layout(h: int, w: int, kernel: tuple, dilation: tuple, granule: int =
         rank = (cy * cx, -(ty * tx), -(ry * rx))
         if best is None or rank < best[0]:
             best = (rank, (ty, tx), (ry, rx), (oy, ox))
-    _, qt, kt, off = best
-    computed = _best_offset(h, ky, dy, qt[0], kt[0])[0] * _best_offset(w, kx, dx, qt[1], kt[1])[0]
+    (computed, _, _), qt, kt, off = best
     return FlexLayout((h, w), (ky, kx), (dy, dx), qt, kt, off, computed, h * w * ky * kx)
 
 
