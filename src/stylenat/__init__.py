@@ -5,16 +5,18 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load", "project"]
 
 
-def load(path, which: str = "g_ema", device="cpu"):
+def load(path, which: str = "g_ema", device="cpu", preset: str | None = None, meta=None):
     """Module ``which`` ("g_ema", "g" or "d") of a stylenat model, in eval mode on ``device``.
 
-    ``path`` is a model file, a checkpoint directory or a training run directory (its newest
-    checkpoint). Official ``.pt`` checkpoints need their configuration:
-    ``stylenat.models.resolve_model(path, preset=...)``.
+    ``path`` is a model file, a checkpoint directory, a training run directory (its newest
+    checkpoint), a folder written by ``stylenat export-hub``, a registered name such as "ffhq256"
+    (downloaded, checked and cached on first use; see ``stylenat.registry``) or
+    ``hf://OWNER/REPO[@REV]`` (with ``stylenat[hub]``). Official ``.pt`` checkpoints need their
+    configuration: ``preset`` (e.g. "ffhq256") or ``meta`` (official terms, a dict or JSON file).
     """
-    from stylenat.models.io import load_model  # lazy: `import stylenat` stays free of torch
+    from stylenat.models.loading import resolve_model  # lazy: `import stylenat` stays free of torch
 
-    return load_model(path, which=which, device=device)
+    return resolve_model(path, preset=preset, meta=meta, which=which, device=device)
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""Small operating-system helpers shared by every layer: atomic file writes, peak memory, CPU name."""
+"""Small operating-system helpers shared by every layer: atomic file writes, the cache directory, a
+progress line, peak memory, CPU name."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import platform
 import resource
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 @contextmanager
@@ -57,3 +59,52 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """$STYLENAT_CACHE, else ~/.cache/stylenat (where weights, released models and dataset statistics live)."""
+    return Path(os.environ.get("STYLENAT_CACHE") or Path.home() / ".cache" / "stylenat")
+
+
+class Progress:
+    """A one-line tick on stderr: rewritten in place on a terminal (at most 10 times a second), a
+    line per ``every`` of the total otherwise (so logs of batch jobs stay short).
+
+    ``show(done, total)`` formats the count (default "done/total"); ``note`` adds to it.
+    """
+
+    def __init__(self, label: str, total: int, enabled: bool = True, every: float = 0.1,
+                 show: Callable[[int, int], str] | None = None):
+        self.label, self.total, self.enabled = label, total, enabled
+        self._steps = max(1, round(1 / every))  # lines per run when not on a terminal
+        self.show = show or (lambda done, total: f"{done}/{total}")
+        self._tty = sys.stderr.isatty()
+        self._next_step = 1
+        self._last_draw = 0.0
+
+    def update(self, done: int, note: str = "") -> None:
+        """Show ``done`` of the total, then ``note`` (e.g. ", loss 0.12, 3 s")."""
+        if not self.enabled:
+            return
+        final = done >= self.total
+        line = f"{self.label}: {self.show(done, self.total)}{note}"
+        if self._tty:  # "\033[K" clears what a longer previous line left behind
+            now = time.monotonic()
+            if not final and now - self._last_draw < 0.1:
+                return
+            self._last_draw = now
+            sys.stderr.write(f"\r{line}\033[K" + ("\n" if final else ""))
+        elif self.total > 0 and done * self._steps >= self._next_step * self.total:
+            self._next_step = done * self._steps // self.total + 1
+            sys.stderr.write(f"{line}\n")
+        sys.stderr.flush()
+
+
+def package_version() -> str:
+    """The installed stylenat's version (from its metadata, so the package root need not be imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stylenat")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"

@@ -156,21 +156,74 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert_official(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from stylenat.models.io import save_model
+    from stylenat.models.loading import read_official_meta
     from stylenat.models.official import load_official_checkpoint
 
     if (args.preset is None) == (args.meta is None):
         raise UserError("give exactly one of --preset NAME or --meta META.json")
-    meta = args.preset if args.meta is None else json.loads(Path(args.meta).read_text())
+    meta = args.preset if args.meta is None else read_official_meta(args.meta)
     modules = load_official_checkpoint(args.checkpoint, meta)
     g = modules["g_ema"]
     d = modules.get("d")
     save_model(args.out, modules, g.config, None if d is None else d.config,
                extra={"source": str(args.checkpoint), "official_meta": meta})
     print(f"wrote {args.out} ({', '.join(modules)}; {g.resolution}x{g.resolution})")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from stylenat.registry import cached_model, entries
+
+    print(f"{'name':<12} {'size':>9} {'FID':>7} {'cached':<7} {'licence':<8} what")
+    for name, e in entries().items():
+        try:
+            cached = "yes" if cached_model(name) is not None else "no"
+        except UserError:  # a damaged cache entry is listed, not fatal
+            cached = "damaged"
+        res = f"{e.resolution}x{e.resolution}" if e.resolution else "-"
+        fid = f"{e.fid:.3f}" if e.fid is not None else "-"
+        print(f"{name:<12} {res:>9} {fid:>7} {cached:<7} {e.license or '-':<8} {e.description or e.urls[0]}")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from stylenat.registry import fetch
+
+    for name in args.names:
+        print(f"{name}: {fetch(name, force=args.force)}")
+    return 0
+
+
+def _cmd_export_hub(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from stylenat.hub import export_hub
+    from stylenat.models.loading import read_official_meta
+
+    metrics = None
+    if args.metrics:
+        try:
+            record = json.loads(Path(args.metrics).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--metrics {args.metrics}: not a readable JSON file ({exc})") from None
+        results = record.get("results", record) if isinstance(record, dict) else None
+        if not isinstance(results, dict):
+            raise UserError(f"--metrics {args.metrics}: expected the JSON that `stylenat metrics --out` writes")
+        metrics = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not k.startswith("num_")}
+    modules = tuple(args.modules.split(",")) if args.modules else None
+    out = export_hub(args.model, args.dir, modules, preset=args.preset,
+                     meta=read_official_meta(args.meta) if args.meta else None, license=args.license,
+                     dataset=args.dataset, metrics=metrics, description=args.description)
+    print(f"wrote {out}: config.json, model.safetensors, README.md")
+    return 0
+
+
+def _cmd_push_hub(args: argparse.Namespace) -> int:
+    from stylenat.hub import push_hub
+
+    print(f"uploaded {args.dir} to {args.repo}: {push_hub(args.dir, args.repo, private=args.private, revision=args.revision, message=args.message)}")
     return 0
 
 
@@ -334,7 +387,7 @@ def _lpips_for(args: argparse.Namespace, device) -> tuple:
 def _cmd_project(args: argparse.Namespace) -> int:
     import time
 
-    from stylenat.metrics.features import Progress
+    from stylenat._system import Progress
     from stylenat.projection import load_target, project, resolve_label, save_projection, target_files, w_stats
     from stylenat.sampling import check_video_path
 
@@ -507,8 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="image edge of a family preset (16..1024; default: the data's); "
                                                   "with --init only the model's own size")
     p.add_argument("--data", help="dataset folder or zip, or 'demo' for the built-in faces")
-    p.add_argument("--init", metavar="MODEL", help="fine-tune: start G, G_ema and D from a run directory, a model file or an "
-                                                 "official .pt (with --preset or --meta); optimizers and counters start fresh")
+    p.add_argument("--init", metavar="MODEL", help="fine-tune: start G, G_ema and D from a run directory, a model file, a "
+                                                 "registered name (e.g. ffhq256), hf://OWNER/REPO or an official .pt (with "
+                                                 "--preset or --meta); optimizers and counters start fresh")
     p.add_argument("--meta", metavar="META.json", help="configuration of an official --init checkpoint in official terms")
     p.add_argument("--freeze-d", type=int, help="FreezeD: keep the first N discriminator blocks (from the input side) fixed "
                                                 "(with --init, from a model that has a discriminator)")
@@ -543,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def measure_args(p):
         """The two image sets and how they are read: shared by fid and metrics."""
-        p.add_argument("first", metavar="MODEL_OR_FOLDER", help="model file or run directory (its g_ema), or an image folder/zip")
+        p.add_argument("first", metavar="MODEL_OR_FOLDER", help="a model (its g_ema): model file, run directory, registered name "
+                                                                 "or hf://OWNER/REPO; or an image folder/zip")
         p.add_argument("real", metavar="REAL_FOLDER_OR_ZIP", help="real images: folder or zip (raw or prepared), or demo")
         p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth (default: $STYLENAT_INCEPTION, then the cache dir)")
         p.add_argument("--resolution", type=int, help="side both sets are read at (default: the model's; needed for two image "
@@ -582,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert_official)
 
 
-    def model_args(p, what="model file or run directory"):
+    def model_args(p, what="model file, run directory, export-hub folder, registered name (e.g. ffhq256) or hf://OWNER/REPO"):
         p.add_argument("model", metavar="MODEL", help=f"{what} (its g_ema), or an official .pt with --preset/--meta")
         p.add_argument("--preset", help="official checkpoints: the preset they were trained with (ffhq256, ...)")
         p.add_argument("--meta", metavar="META.json", help="official checkpoints: configuration in official terms")
@@ -686,7 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="generator throughput (img/s), memory and FLOP utilisation",
                        description="The paper's protocol: g_ema, 10 warm-up and 500 timed passes with CUDA events "
                                    "(CPU default: 3 and 10, wall clock), at batch 1 and a large batch.")
-    model_args(p, "preset name (random weights), model file or run directory")
+    model_args(p, "preset name (random weights: they time the same), model file, run directory, registered name "
+                  "or hf://OWNER/REPO")
     p.add_argument("--batch", help="batch sizes (default 1,32 on CUDA, 1,8 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed passes (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--iters", type=int, help="timed passes (default 500 on CUDA, 10 on CPU)")
@@ -719,6 +775,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860; 0: any free port)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("models", help="the registry of released models: name, size, claimed FID, cached or not",
+                       description="Built-in entries, then those of the JSON file $STYLENAT_REGISTRY names, then "
+                                   "stylenat.registry.register() calls.")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("download", help="download, check and cache released models by name (done on first use anyway)",
+                       description="Into $STYLENAT_CACHE/models (default ~/.cache/stylenat/models), resumable; "
+                                   "$STYLENAT_MIRROR replaces the hosts; $STYLENAT_OFFLINE=1 forbids downloads.")
+    p.add_argument("names", nargs="+", metavar="NAME", help="registered model names (see `stylenat models`)")
+    p.add_argument("--force", action="store_true", help="download again even when cached")
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("export-hub", help="write a Hugging Face Hub-style folder: config.json, model.safetensors, README.md")
+    model_args(p)
+    p.add_argument("dir", metavar="DIR", help="output folder")
+    p.add_argument("--modules", help="modules stored, e.g. g_ema or g_ema,d (default: g_ema and d when present)")
+    p.add_argument("--license", help="licence identifier of the model card (default: the registry's, else other)")
+    p.add_argument("--dataset", help="what the model was trained on, for the model card")
+    p.add_argument("--metrics", metavar="JSON", help="metrics for the model card: the file `stylenat metrics --out` wrote")
+    p.add_argument("--description", help="one paragraph for the model card")
+    p.set_defaults(func=_cmd_export_hub)
+
+    p = sub.add_parser("push-hub", help="upload an export-hub folder to the Hugging Face Hub (needs stylenat[hub] and a token)")
+    p.add_argument("dir", metavar="DIR", help="folder written by export-hub (checked before upload)")
+    p.add_argument("repo", metavar="OWNER/REPO", help="Hub model repository (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to commit to (default main)")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=_cmd_push_hub)
 
     return parser
 

@@ -11,7 +11,7 @@ The subclasses also derive from the built-in exception a caller would expect (``
 
 from __future__ import annotations
 
-__all__ = ["UserError", "ConfigError", "DataError", "ModelFileError", "MissingFileError", "first_line"]
+__all__ = ["UserError", "ConfigError", "DataError", "ModelFileError", "MissingFileError", "DownloadError", "first_line"]
 
 
 class UserError(Exception):
@@ -32,6 +32,10 @@ class ModelFileError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist."""
+
+
+class DownloadError(UserError, OSError):
+    """A download that failed (an HTTP error, a dropped connection, a wrong checksum) or is not allowed (offline)."""
 
 
 def first_line(exc: BaseException) -> str:

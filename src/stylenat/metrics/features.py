@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stylenat._system import atomic_path
+from stylenat._system import Progress, atomic_path, cache_dir
 from stylenat.data import open_dataset
 from stylenat.errors import DataError
-from stylenat.metrics.inception import cache_dir, load_inception
+from stylenat.metrics.inception import load_inception
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]  # uint8 [B,3,H,W] -> features [B,D]; has .cache_key
 
@@ -75,27 +75,6 @@ class FeatureStats:
             if stats.keep_features:
                 stats._kept = [data["features"]]
         return stats
-
-
-class Progress:
-    """A one-line tick on stderr: rewritten in place on a terminal, every 10% otherwise."""
-
-    def __init__(self, label: str, total: int, enabled: bool = True):
-        self.label, self.total, self.enabled = label, total, enabled
-        self._tty = sys.stderr.isatty()
-        self._next_decile = 1
-
-    def update(self, done: int, note: str = "") -> None:
-        """Show ``done`` of the total, then ``note`` (e.g. ", loss 0.12, 3 s")."""
-        if not self.enabled:
-            return
-        line = f"{self.label}: {done}/{self.total}{note}"
-        if self._tty:  # "\033[K" clears what a longer previous line left behind
-            sys.stderr.write(f"\r{line}\033[K" + ("\n" if done >= self.total else ""))
-        elif done * 10 >= self._next_decile * self.total:
-            self._next_decile = done * 10 // self.total + 1
-            sys.stderr.write(f"{line}\n")
-        sys.stderr.flush()
 
 
 def extract(batches: Iterable[torch.Tensor], extractor: Extractor, total: int, keep_features: bool = False,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stylenat._system import file_sha256
+from stylenat._system import cache_dir, file_sha256
 from stylenat.errors import MissingFileError
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -240,11 +240,6 @@ class FIDInception(nn.Module):
                  self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b,
                  self.Mixed_7c)
         return x.mean(dim=(2, 3))
-
-
-def cache_dir() -> Path:
-    """$STYLENAT_CACHE, else ~/.cache/stylenat (where weights and dataset statistics live)."""
-    return Path(os.environ.get("STYLENAT_CACHE") or Path.home() / ".cache" / "stylenat")
 
 
 def find_weights(path: str | os.PathLike | None = None, needed_by: Sequence[str] = ("FID",)) -> Path:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from stylenat._system import file_sha256
 from stylenat.errors import MissingFileError, ModelFileError
-from stylenat.metrics.inception import cache_dir
+from stylenat._system import cache_dir
 from stylenat.models.config import GeneratorConfig
 
 __all__ = [

@@ -102,7 +102,7 @@ def load_inception_for(names: list[str], path: str | os.PathLike | None = None,
 
 
 def _swd_collect(batches, resolution: int, total: int, label: str, progress: bool):
-    from stylenat.metrics.features import Progress
+    from stylenat._system import Progress
     from stylenat.metrics.swd import SWDCollector
 
     collector, tick = SWDCollector(resolution), Progress(label, total, progress)
@@ -186,7 +186,8 @@ def measure(first, real: str | os.PathLike, names: list[str], *, num: int | None
     """Metrics ``names`` of ``first`` against ``real``: {key: value}.
 
     Args:
-        first: a generator module, an image folder/zip, or a model file / run directory (its g_ema).
+        first: a generator module, an image folder/zip, or a model (its g_ema): a model file, run directory,
+            Hub-style folder, registered name or hf:// repository.
             A class-conditional generator draws its images' classes in the real data's proportions.
         real: image folder or zip (raw or prepared), or "demo".
         names: metric names (see the module docstring).
@@ -211,9 +212,9 @@ def measure(first, real: str | os.PathLike, names: list[str], *, num: int | None
         specs = [MetricSpec(s.name, s.kind, num) for s in specs]
     first_is_images = not isinstance(first, torch.nn.Module) and is_image_set(first)
     if not first_is_images and not isinstance(first, torch.nn.Module):
-        from stylenat.models.io import load_model
+        from stylenat.models.loading import resolve_model
 
-        first = load_model(first, which="g_ema", device=device)
+        first = resolve_model(first, device=device)
     if per_class and not first_is_images and not first.config.num_classes:
         raise ConfigError("--per-class: the model is unconditional (it has no classes), so it has no images of a "
                           "class to compare; drop --per-class, or measure a class-conditional model")

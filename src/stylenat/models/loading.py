@@ -1,7 +1,9 @@
-"""Load a model from whatever a user points at: a run, a checkpoint, a model file, an official .pt."""
+"""Load a model from whatever a user points at: a run, a checkpoint, a model file, an official .pt, a
+Hub-style folder, a registered name, an hf:// repository."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import zipfile
 from pathlib import Path
@@ -14,8 +16,9 @@ from stylenat.models.io import find_model_file, load_models
 
 __all__ = ["default_device", "resolve_model", "resolve_models", "model_source_file", "MODEL_HELP"]
 
-MODEL_HELP = ("expected a training run directory, a stylenat .safetensors model file, or an official "
-              "StyleNAT .pt checkpoint (with --preset or --meta)")
+MODEL_HELP = ("expected a training run directory, a stylenat .safetensors model file, a folder written by "
+              "`stylenat export-hub`, an official StyleNAT .pt checkpoint (with --preset or --meta), a registered "
+              "model name (`stylenat models` lists them) or hf://OWNER/REPO")
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -39,7 +42,8 @@ def resolve_model(path: str | Path, preset: str | None = None, meta: str | Path 
 
     Args:
         path: a training run directory (its latest checkpoint), a checkpoint directory, a
-            stylenat ``.safetensors`` model file, or an official StyleNAT ``.pt`` checkpoint.
+            stylenat ``.safetensors`` model file, a Hub-style folder, an official StyleNAT ``.pt``
+            checkpoint, a registered model name (``stylenat.registry``) or ``hf://OWNER/REPO[@REV]``.
         preset: for official checkpoints: the preset they were trained with (e.g. "ffhq256").
         meta: for official checkpoints instead of ``preset``: a configuration dict or a JSON
             file of it (the official configuration terms, see ``stylenat.models.official``).
@@ -73,11 +77,26 @@ def resolve_models(path: str | Path, preset: str | None = None, meta: str | Path
 
 
 def model_source_file(path: str | Path) -> Path:
-    """The file a model comes from: ``path`` itself, or the model file of a run or checkpoint directory."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path} does not exist: {MODEL_HELP}")
-    return find_model_file(path) if path.is_dir() else path
+    """The file a model comes from: ``path`` itself, the model file of a run, checkpoint or Hub-style
+    directory (checked against its config.json), or, for a name that is no local path, the cached file
+    of a registered model or of ``hf://OWNER/REPO[@REV]`` (downloaded on first use)."""
+    # Lazy: both import the models package, which imports this module.
+    from stylenat.hub import check_hub_dir, hf_model_file, is_hub_dir
+    from stylenat.registry import entries, fetch, is_registered
+
+    text = str(path)
+    if text.startswith("hf://"):
+        return hf_model_file(text)
+    local = Path(path)
+    if local.exists():  # a local file or folder wins over a registry entry of the same name
+        if is_hub_dir(local):
+            return check_hub_dir(local)
+        return find_model_file(local) if local.is_dir() else local
+    if is_registered(text):
+        return fetch(text)
+    near = difflib.get_close_matches(text, list(entries()), n=1)
+    raise MissingFileError(f"{path} does not exist{f' (did you mean the registered {near[0]!r}?)' if near else ''}: "
+                           f"{MODEL_HELP}")
 
 
 def read_official_meta(path: str | Path) -> dict:
