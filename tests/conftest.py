@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .http_server import FileServer
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
@@ -76,3 +78,27 @@ def official_tag(official_dir) -> str:
     tags = official_tags(official_dir)
     assert tags, f"no <tag>_meta.json in {official_dir}"
     return "small32_hydra_uneven" if "small32_hydra_uneven" in tags else tags[0]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh $STYLENAT_CACHE, no offline switch, mirror or user registry, retries without pauses,
+    and the registry's register() entries restored afterwards."""
+    from stylenat import _download, registry
+
+    for name in ("STYLENAT_OFFLINE", "HF_HUB_OFFLINE", "STYLENAT_MIRROR", "STYLENAT_REGISTRY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("STYLENAT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_download, "BACKOFF_S", (0, 0, 0))
+    before = dict(registry._registered)
+    yield tmp_path / "cache"
+    registry._registered.clear()
+    registry._registered.update(before)
+
+
+@pytest.fixture
+def server():
+    """A loopback HTTP file server (tests/http_server.py), stopped afterwards."""
+    srv = FileServer().start()
+    yield srv
+    srv.stop()

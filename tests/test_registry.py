@@ -3,11 +3,17 @@ entries; every file served by a loopback server these tests start (127.0.0.1), n
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
 import hashlib
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import stylenat
 from stylenat import _download, registry
@@ -15,28 +21,11 @@ from stylenat.cli import main
 from stylenat.errors import ConfigError, DownloadError, MissingFileError, ModelFileError
 from stylenat.models import build_generator
 from stylenat.models.io import save_model
+from stylenat.sampling import generate
 
-from .http_server import FileServer
+from .conftest import official_shapes
+from .train.helpers import ENV, cli
 
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A fresh cache, no offline switch, mirror or user registry, and retries without pauses."""
-    for name in ("STYLENAT_OFFLINE", "HF_HUB_OFFLINE", "STYLENAT_MIRROR", "STYLENAT_REGISTRY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("STYLENAT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(_download, "BACKOFF_S", (0, 0, 0))
-    before = dict(registry._registered)
-    yield tmp_path / "cache"
-    registry._registered.clear()
-    registry._registered.update(before)
-
-
-@pytest.fixture
-def server():
-    srv = FileServer().start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +266,72 @@ def test_file_urls_work_as_mirrors(cache, small, tmp_path):
     registry.register("shared", [(tmp_path / "share" / "missing.pt").as_uri(), (tmp_path / "share" / "s.pt").as_uri()],
                       meta=_official_keys(meta))
     assert _matches_official("shared", expected)
+
+
+def test_two_processes_fetching_at_once_download_once(cache, server, small):
+    # Ranks of one job start together: the cache folder's lock makes the second wait for the first.
+    data, meta, expected = small
+    registry.register("small", server.add("/a.pt", data), meta=_official_keys(meta))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: registry.fetch("small", progress=False), range(2)))
+    assert paths[0] == paths[1] and len(server.gets("/a.pt")) == 1
+    assert _matches_official("small", expected)
+
+
+def test_fine_tuning_from_a_registered_name(cache, server, small, tmp_path):
+    data, meta, expected = small
+    (tmp_path / "reg.json").write_text(json.dumps({"small": {"url": server.add("/a.pt", data),
+                                                             "meta": _official_keys(meta)}}))
+    env = {**ENV, "STYLENAT_REGISTRY": str(tmp_path / "reg.json"), "STYLENAT_CACHE": str(cache)}
+    run = tmp_path / "ft"
+    cli("--init", "small", "--data", "demo", "--batch", "4", "--set", "grid=[2,2]", "--steps", "1", "--set", "bcr_real=0",
+        "--set", "bcr_fake=0", "--run-dir", str(run), env=env)
+    model = cache / "models" / "small" / "model.safetensors"
+    config = json.loads((run / "config.json").read_text())
+    assert config["init"] == str(model.resolve())
+    assert config["init_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    g = stylenat.load(model)
+    assert _matches_official(model, expected)
+    cells = generate(g, range(4), batch=4).permute(0, 2, 3, 1).numpy()
+    grid = np.asarray(Image.open(run / "fakes_000000000.png"))
+    s = g.resolution
+    assert np.array_equal(np.stack([grid[r * s:(r + 1) * s, c * s:(c + 1) * s] for r in range(2) for c in range(2)]), cells)
+
+
+def _official_ffhq256(path, official_dir) -> None:
+    """An official-layout (legacy, like FFHQ256_940k_flip.pt) ffhq256 checkpoint of random weights at full size."""
+    shapes = official_shapes(official_dir)
+    torch.manual_seed(0)
+
+    def state(entry, kind):
+        buffers = entry[f"{kind}_buffers"]
+        return {k: torch.tensor(buffers[k]) if k in buffers else torch.randn(s) * 0.02
+                for k, s in entry[f"{kind}_state"].items()}
+
+    g = state(shapes["ffhq256_legacy"], "generator")
+    torch.save({"g": g, "g_ema": g, "d": state(shapes["discriminator256"], "discriminator"),
+                "args": argparse.Namespace(size=256)}, path)
+
+
+@pytest.mark.slow
+def test_generate_ffhq256_by_name_from_a_mirror_then_offline(cache, server, official_dir, tmp_path):
+    ckpt = tmp_path / "FFHQ256_940k_flip.pt"
+    _official_ffhq256(ckpt, official_dir)
+    server.add("/projects/stylenat/checkpoints/FFHQ256_940k_flip.pt", ckpt.read_bytes())
+    env = {**ENV, "STYLENAT_CACHE": str(cache), "STYLENAT_MIRROR": server.url("")}
+    command = [sys.executable, "-m", "stylenat", "generate", "ffhq256", "--seeds", "0-3", "--device", "cpu"]
+    first = subprocess.run([*command, "--out", str(tmp_path / "x")], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "ffhq256: downloading FFHQ256_940k_flip.pt" in first.stderr and "100% of" in first.stderr
+    assert (cache / "models" / "ffhq256" / "model.safetensors").is_file()
+    server.stop()
+    second = subprocess.run([*command, "--out", str(tmp_path / "y")], env={**env, "STYLENAT_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert "downloading" not in second.stderr
+    names = sorted(p.name for p in (tmp_path / "x").iterdir())
+    assert names == [f"seed{s:04d}.png" for s in range(4)]
+    for name in names:
+        assert (tmp_path / "x" / name).read_bytes() == (tmp_path / "y" / name).read_bytes()
+    g = stylenat.load("ffhq256")
+    assert sum(p.numel() for p in g.parameters()) == official_shapes(official_dir)["ffhq256_legacy"]["generator_params"]
