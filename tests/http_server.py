@@ -18,6 +18,8 @@ class Served:
     cut_bytes: int = 0  # a cut response sends this many bytes of its body, then drops the connection
     cuts_left: int = 0
     ranges: bool = True  # honour Range requests (else always answer with the whole file)
+    etag: bool = True  # send an ETag (the sha256 of the data, quoted)
+    range_shift: int = 0  # answer Range requests from this many bytes later than asked (a broken server)
 
 
 @dataclass
@@ -75,7 +77,7 @@ class FileServer:
                 wanted = self.headers.get("Range")
                 if_range = self.headers.get("If-Range")
                 if wanted and served.ranges and (if_range is None or if_range == etag):
-                    first = int(wanted.removeprefix("bytes=").split("-")[0])
+                    first = int(wanted.removeprefix("bytes=").split("-")[0]) + served.range_shift
                     if first >= len(data):
                         record.status = 416
                         self.send_response(416)
@@ -91,7 +93,8 @@ class FileServer:
                     record.status = 200
                 self.send_header("Content-Type", served.content_type)
                 self.send_header("Content-Length", str(len(data) - first))
-                self.send_header("ETag", etag)
+                if served.etag:
+                    self.send_header("ETag", etag)
                 self.send_header("Accept-Ranges", "bytes" if served.ranges else "none")
                 for key, value in server.extra_headers.get(record.path, {}).items():
                     self.send_header(key, value)

@@ -136,6 +136,9 @@ def test_hf_model_downloads_checks_and_works_offline(cache, fake_hub, server, ti
     with pytest.raises(DownloadError, match=r"hf://me/other: config\.json is not in the Hugging Face cache and downloads "
                                             r"are off"):
         stylenat.load("hf://me/other")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    server.stop()  # the Hub unreachable, no offline switch: the Hub client falls back to its cache
+    assert _same_outputs(stylenat.load("hf://me/tiny"), g_ema)
 
 
 def test_hf_revision(cache, fake_hub, tiny_model, tmp_path):
@@ -191,3 +194,22 @@ def test_push_hub_checks_the_folder_then_uploads(tiny_model, tmp_path, monkeypat
     (folder / "model.safetensors").write_bytes(b"broken")
     assert main(["push-hub", str(folder), "me/tiny"]) == 2
     assert calls == []  # a damaged folder is never published
+
+
+def test_hf_file_that_is_not_the_hubs_is_refused(cache, fake_hub, server, tiny_model, tmp_path):
+    # config.json and model.safetensors agree, but the Hub's LFS sha256 (the ETag it names the blob after) differs.
+    path, _, _ = tiny_model
+    fake_hub(hub.export_hub(path, tmp_path / "h"), "me/tiny")
+    server.extra_headers["/me/tiny/resolve/main/model.safetensors"]["X-Linked-Etag"] = '"' + "e" * 64 + '"'
+    with pytest.raises(ModelFileError, match=r"has sha256 .*, the Hub says e{16}\.\.\."):
+        stylenat.load("hf://me/tiny")
+
+
+def test_export_hub_needs_a_generator_and_names_the_card(tiny_model, tmp_path, monkeypatch, capsys):
+    path, _, _ = tiny_model
+    assert main(["export-hub", str(path), str(tmp_path / "h"), "--modules", "d"]) == 2
+    assert "a Hub folder needs a generator (g_ema or g)" in capsys.readouterr().err
+    (tmp_path / "faces").mkdir()
+    monkeypatch.chdir(tmp_path / "faces")
+    hub.export_hub(path, ".")
+    assert "\n# faces\n" in (tmp_path / "faces" / "README.md").read_text()

@@ -9,6 +9,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ from stylenat.models.io import save_model
 from stylenat.sampling import generate
 
 from .conftest import official_shapes
+
+shutil_usage = namedtuple("usage", "total used free")
 from .train.helpers import ENV, cli
 
 
@@ -123,6 +126,81 @@ def test_a_server_without_range_support_starts_over(cache, server, small):
     assert _matches_official("small", expected)
 
 
+def test_a_misaligned_range_answer_starts_over(cache, server, small):
+    data, meta, expected = small
+    registry.register("small", server.add("/a.pt", data, cut_bytes=1000, cuts_left=1, range_shift=10),
+                      meta=_official_keys(meta))
+    registry.fetch("small")  # bytes 1010- sent for "bytes=1000-": thrown away, then the whole file
+    assert [r.status for r in server.gets("/a.pt")] == [200, 206, 200]
+    assert _matches_official("small", expected)
+
+
+def test_a_file_changed_between_tries_is_not_mixed(cache, server, small):
+    data, meta, expected = small
+    other = bytes(reversed(data))  # same size, other bytes
+    registry.register("small", server.add("/a.pt", other, cut_bytes=len(data) // 10, cuts_left=1 + len(_download.BACKOFF_S)),
+                      meta=_official_keys(meta))
+    with pytest.raises(DownloadError, match="run again to resume"):
+        registry.fetch("small")
+    server.add("/a.pt", data)  # the host replaced the file: If-Range sees another ETag
+    registry.fetch("small")
+    last = server.gets("/a.pt")[-1]
+    assert last.headers["If-Range"] == '"' + hashlib.sha256(other).hexdigest() + '"' and last.status == 200
+    assert _matches_official("small", expected)
+
+
+def test_no_resume_without_a_validator_or_a_checksum(cache, server, small):
+    data, meta, expected = small
+    half = len(data) // 2
+    registry.register("small", server.add("/a.pt", data, cut_bytes=half, cuts_left=1, etag=False), meta=_official_keys(meta))
+    registry.fetch("small")  # nothing tells whether the file changed: the retry takes the whole file
+    assert ["Range" in r.headers for r in server.gets("/a.pt")] == [False, False]
+    registry.register("known", server.add("/b.pt", data, cut_bytes=half, cuts_left=1, etag=False),
+                      sha256=hashlib.sha256(data).hexdigest(), meta=_official_keys(meta))
+    registry.fetch("known")  # with a sha256 to check the result, resuming is safe
+    assert server.gets("/b.pt")[1].headers["Range"] == f"bytes={half}-"
+    assert _matches_official("known", expected)
+
+
+def test_a_partial_that_is_already_complete_or_too_long(cache, server, small):
+    data, meta, expected = small
+    registry.register("small", server.add("/a.pt", data), sha256=hashlib.sha256(data).hexdigest(),
+                      meta=_official_keys(meta))
+    folder = cache / "models" / "small"
+    folder.mkdir(parents=True)
+    (folder / "a.pt.partial").write_bytes(data + b"extra")  # longer than the file: 416, then start over
+    registry.fetch("small")
+    assert [r.status for r in server.gets("/a.pt")] == [416, 200]
+    (folder / "a.pt.partial").write_bytes(data)  # complete already: 416 "bytes */N" with N its size
+    registry.fetch("small", force=False)
+    assert len(server.gets("/a.pt")) == 2  # cached: no request at all
+    registry.fetch("small", force=True)  # --force drops the partial too
+    assert server.gets("/a.pt")[-1].status == 200 and not (folder / "a.pt.partial").exists()
+    assert _matches_official("small", expected)
+
+
+def test_not_enough_disk_space(cache, server, small, monkeypatch):
+    data, meta, _ = small
+    registry.register("small", server.add("/a.pt", data), meta=_official_keys(meta))
+    monkeypatch.setattr(_download.shutil, "disk_usage", lambda path: shutil_usage(total=10**9, used=10**9 - 1000, free=1000))
+    with pytest.raises(DownloadError, match=r"^not enough disk space for small: 4\.\d MiB to go, 1,000 bytes free in "
+                                            r".* \(set \$STYLENAT_CACHE to another disk\)$"):
+        registry.fetch("small")
+
+
+def test_bad_mirror_and_offline_download_command(cache, server, small, monkeypatch, capsys):
+    data, meta, _ = small
+    registry.register("small", server.add("/a.pt", data), meta=_official_keys(meta))
+    monkeypatch.setenv("STYLENAT_MIRROR", "/srv/mirror")
+    with pytest.raises(ConfigError, match=r"STYLENAT_MIRROR='/srv/mirror' is not a base URL"):
+        registry.fetch("small")
+    monkeypatch.delenv("STYLENAT_MIRROR")
+    monkeypatch.setenv("STYLENAT_OFFLINE", "true")
+    assert main(["download", "small"]) == 2
+    assert "small is not in the cache and $STYLENAT_OFFLINE forbids downloading" in capsys.readouterr().err
+    assert server.requests == []
+
+
 def test_404_names_the_url(cache, server, small, capsys):
     registry.register("small", server.url("/nothing.pt"), preset="ffhq256")
     assert main(["generate", "small", "--seeds", "0", "--out", str(cache / "x")]) == 2
@@ -142,11 +220,17 @@ def test_a_file_that_is_not_a_checkpoint(cache, server, capsys):
         registry.fetch("page")
 
 
-def test_a_checkpoint_of_another_configuration_is_refused(cache, server, small):
-    data, _, _ = small
+def test_a_checkpoint_of_another_configuration_is_refused_and_kept(cache, server, small):
+    data, meta, expected = small
     registry.register("small", server.add("/a.pt", data), preset="ffhq256")  # the fixture is not an ffhq256 model
-    with pytest.raises(ModelFileError, match=r"not a usable official StyleNAT checkpoint \(the checkpoint has 3 head groups .*\); it was deleted$"):
+    kept = cache / "models" / "small" / "a.pt"
+    with pytest.raises(ModelFileError, match=rf"^small: {kept} does not fit the entry's preset/meta \(the checkpoint has 3 "
+                                             r"head groups .*\); it is kept: fix the entry and run again$"):
         registry.fetch("small")
+    assert kept.read_bytes() == data  # the download was fine: no need to fetch it again
+    registry.register("small", server.url("/a.pt"), meta=_official_keys(meta))
+    assert _matches_official("small", expected)
+    assert len(server.gets("/a.pt")) == 1
 
 
 @pytest.mark.parametrize("switch", ["STYLENAT_OFFLINE", "HF_HUB_OFFLINE"])
@@ -227,6 +311,18 @@ def test_a_changed_registry_sha256_is_noticed(cache, server, small):
         registry.fetch("small")
 
 
+def test_a_re_pointed_entry_is_noticed(cache, server, small):
+    data, meta, _ = small
+    registry.register("small", server.add("/a.pt", data), meta=_official_keys(meta))
+    registry.fetch("small")
+    registry.register("small", server.add("/new/a.pt", data), meta=_official_keys(meta))
+    with pytest.raises(ModelFileError, match=r"came from .*/a\.pt, the registry now points at .*/new/a\.pt"):
+        stylenat.load("small")
+    registry.register("small", server.url("/a.pt"), preset="ffhq256")
+    with pytest.raises(ModelFileError, match=r"converted with another preset/meta"):
+        stylenat.load("small")
+
+
 def test_a_local_path_wins_over_the_registry(cache, tmp_path, monkeypatch):
     g = build_generator("tiny")
     monkeypatch.chdir(tmp_path)
@@ -246,7 +342,9 @@ def test_misspelt_names_and_bad_entries(cache, tmp_path, monkeypatch):
            ({"url": "https://x/a.pt", "preset": "ffhq256", "sha265": "0" * 64}, r"unknown field 'sha265'"),
            ({"url": "ftp://x/a.pt", "preset": "ffhq256"}, r"not an http, https or file URL"),
            ({"url": "https://x/a.safetensors", "preset": "ffhq256"}, r"carries its own configuration"),
-           ({"preset": "ffhq256"}, r"needs \"url\"")]
+           ({"preset": "ffhq256"}, r"needs \"url\""),
+           ({"url": "https://x/a.pt", "preset": "ffhq256", "size": "1000"}, r"size must be a positive whole number"),
+           ({"url": "https://x/a.pt", "preset": "ffhq256", "fid": "2.0"}, r"fid must be a number")]
     for fields, message in bad:
         (tmp_path / "reg.json").write_text(json.dumps({"mine": fields}))
         monkeypatch.setenv("STYLENAT_REGISTRY", str(tmp_path / "reg.json"))

@@ -86,40 +86,62 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     return (int(first) if first.isdigit() else None), (int(total) if total.isdigit() else None)
 
 
-def _fetch_once(url: str, partial: Path, size: int | None, progress: bool, label: str) -> None:
+def _strong(etag: str | None) -> str | None:
+    """An ETag usable in If-Range (weak "W/..." ones are not, by RFC 9110)."""
+    return etag if etag and not etag.startswith("W/") else None
+
+
+def _resumable(state: dict, url: str, sha256: str | None) -> bool:
+    """Whether the partial file described by ``state`` may be continued from ``url``: from its own URL
+    when the server gave a validator (If-Range then guards against a changed file), from any mirror
+    when the final sha256 is known (it then catches a mix of two files)."""
+    if sha256 is not None:
+        return True
+    return state.get("url") == url and bool(_strong(state.get("etag")) or state.get("last_modified"))
+
+
+def _fetch_once(url: str, partial: Path, size: int | None, sha256: str | None, progress: bool, label: str) -> None:
     """One GET of ``url`` into ``partial``, resuming what it holds; returns when the file is complete."""
     state = _read_sidecar(partial)
-    have = partial.stat().st_size if partial.is_file() and state.get("url") == url else 0
+    have = partial.stat().st_size if partial.is_file() and _resumable(state, url, sha256) else 0
     if have == 0:
         _discard(partial)
+        state = {}
     headers = {"User-Agent": f"stylenat/{package_version()}", "Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
-        validator = state.get("etag") or state.get("last_modified")
+        validator = (_strong(state.get("etag")) or state.get("last_modified")) if state.get("url") == url else None
         if validator:
             headers["If-Range"] = validator
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have and state.get("total") == have:
-            return  # everything is already here
-        if exc.code == 416:  # the partial file is not a prefix of what the server has
-            _discard(partial)
+        if exc.code == 416:
+            _, total = _content_range(exc.headers.get("Content-Range"))
+            if have and total == have and state.get("total") in (None, have):
+                return  # everything is already here
+            _discard(partial)  # the partial file is not a prefix of what the server has
             raise _Dropped(f"{url}: the partial download did not fit the server's file; starting over") from None
         if exc.code in _RETRYABLE_STATUS:
             raise _Dropped(f"{url}: HTTP {exc.code} {exc.reason}") from None
         raise _Fatal(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        if isinstance(exc, urllib.error.URLError) and url.startswith("file:"):
+        if isinstance(exc, ValueError) or url.startswith("file:"):
             raise _Fatal(f"{url}: {reason}") from None
         raise _Dropped(f"{url}: {reason}") from None
     with response:
         status = getattr(response, "status", None) or 200  # file:// responses have no status
+        etag = response.headers.get("ETag") or (state.get("etag") if status == 206 else None)
         first, total = _content_range(response.headers.get("Content-Range"))
-        if status == 206 and first == have:
+        if status == 206:
+            changed = (state.get("total") is not None and total != state["total"]) or \
+                      (state.get("url") == url and state.get("etag") and etag != state["etag"])
+            if first != have or total is None or changed:  # not the rest of the file we hold
+                _discard(partial)
+                raise _Dropped(f"{url}: the server's file changed or it answered another range; starting over")
             mode = "ab"
-        else:  # the server sent the whole file (no Range support, or the file changed): start over
+        else:  # the whole file (no Range support, or If-Range saw a changed file): start over
             have, mode = 0, "wb"
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
@@ -134,24 +156,37 @@ def _fetch_once(url: str, partial: Path, size: int | None, progress: bool, label
             if free < total - have:
                 raise DownloadError(f"not enough disk space for {label}: {_mib(total - have)} to go, {_mib(free)} free "
                                     f"in {partial.parent} (set $STYLENAT_CACHE to another disk)")
-        _sidecar(partial).write_text(json.dumps({"url": url, "total": total, "etag": response.headers.get("ETag"),
+        _sidecar(partial).write_text(json.dumps({"url": url, "total": total, "etag": etag,
                                                  "last_modified": response.headers.get("Last-Modified")}))
-        done, start = have, time.monotonic()
-        tick = Progress(label, total or 0, progress and total is not None, every=0.05,
-                        show=lambda d, t: f"{100 * d / t:3.0f}% of {_mib(t)}")
+        _copy_body(response, partial, mode, have, total, url, progress, label)
+
+
+def _copy_body(response, partial: Path, mode: str, have: int, total: int | None, url: str, progress: bool,
+               label: str) -> None:
+    """The response body into ``partial``: a network failure is a dropped connection (retried), a
+    failed write is the disk's (not retried)."""
+    done, start = have, time.monotonic()
+    tick = Progress(label, total or 0, progress and total is not None, every=0.05,
+                    show=lambda d, t: f"{100 * d / t:3.0f}% of {_mib(t)}")
+    try:
         with open(partial, mode) as out:
-            try:
-                while chunk := response.read(CHUNK):
-                    out.write(chunk)
-                    done += len(chunk)
-                    rate = (done - have) / max(time.monotonic() - start, 1e-6)
-                    tick.update(done, f", {rate / 2**20:.1f} MiB/s")
-            except (OSError, http.client.HTTPException) as exc:  # reset, timeout, IncompleteRead
-                raise _Dropped(f"{url}: the connection dropped at {_mib(done)}"
-                               f"{f' of {_mib(total)}' if total else ''} ({exc.__class__.__name__})") from None
-            finally:
-                out.flush()
-                os.fsync(out.fileno())
+            while True:
+                try:
+                    chunk = response.read(CHUNK)
+                except (OSError, http.client.HTTPException) as exc:  # reset, timeout, IncompleteRead
+                    raise _Dropped(f"{url}: the connection dropped at {_mib(done)}"
+                                   f"{f' of {_mib(total)}' if total else ''} ({exc.__class__.__name__})") from None
+                if not chunk:
+                    break
+                out.write(chunk)
+                done += len(chunk)
+                rate = (done - have) / max(time.monotonic() - start, 1e-6)
+                tick.update(done, f", {rate / 2**20:.1f} MiB/s")
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:  # the write side: a full disk, a file-size limit, a read-only cache
+        raise DownloadError(f"cannot write {partial} ({exc.strerror or exc}); {_mib(done)} of {label} are kept there: "
+                            "free some space (or set $STYLENAT_CACHE to another disk) and run again to resume") from None
     if total is not None and done != total:
         raise _Dropped(f"{url}: the connection dropped at {_mib(done)} of {_mib(total)}")
 
@@ -178,27 +213,25 @@ def download(urls: Sequence[str], dest: str | os.PathLike, *, sha256: str | None
     partial = dest.with_name(dest.name + ".partial")
     failures = []
     for url in urls:
-        failure = _try_url(url, partial, size, progress, label)
-        if failure is not None:
-            failures.append(failure)
-            continue
-        digest = file_sha256(partial)
-        if sha256 is not None and digest != sha256.lower():
-            _discard(partial)
-            raise DownloadError(f"{label}: the file from {url} has sha256 {digest}, expected {sha256}; it was deleted "
-                                "(a damaged or changed file: try again, or another mirror)")
-        os.replace(partial, dest)
-        _sidecar(partial).unlink(missing_ok=True)
-        return digest
+        failure = _try_url(url, partial, size, sha256, progress, label)
+        if failure is None:
+            digest = file_sha256(partial)
+            if sha256 is None or digest == sha256.lower():
+                os.replace(partial, dest)
+                _sidecar(partial).unlink(missing_ok=True)
+                return digest
+            _discard(partial)  # resuming a wrong file can only stay wrong
+            failure = f"{url}: the file has sha256 {digest}, expected {sha256}; it was deleted"
+        failures.append(failure)
     kept = f"; {_mib(partial.stat().st_size)} kept in {partial}: run again to resume" if partial.is_file() else ""
     raise DownloadError(f"could not download {label}: {'; '.join(failures)}{kept}")
 
 
-def _try_url(url: str, partial: Path, size: int | None, progress: bool, label: str) -> str | None:
+def _try_url(url: str, partial: Path, size: int | None, sha256: str | None, progress: bool, label: str) -> str | None:
     """Fetch ``url`` into ``partial``, retrying dropped connections; None when complete, else why not."""
     for pause in (*BACKOFF_S, None):
         try:
-            _fetch_once(url, partial, size, progress, label)
+            _fetch_once(url, partial, size, sha256, progress, label)
             return None
         except _Fatal as exc:
             return str(exc)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -37,6 +36,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far."""
+    import resource  # POSIX only: imported here so that the rest of this module works on Windows
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # KiB on Linux, bytes on macOS
 

@@ -175,7 +175,7 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
 def _cmd_models(args: argparse.Namespace) -> int:
     from stylenat.registry import cached_model, entries
 
-    print(f"{'name':<12} {'size':>9} {'FID':>7} {'cached':<7} {'licence':<8} what")
+    print(f"{'name':<12} {'images':>9} {'FID':>7} {'file':>9} {'cached':<7} {'licence':<8} what")
     for name, e in entries().items():
         try:
             cached = "yes" if cached_model(name) is not None else "no"
@@ -183,7 +183,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
             cached = "damaged"
         res = f"{e.resolution}x{e.resolution}" if e.resolution else "-"
         fid = f"{e.fid:.3f}" if e.fid is not None else "-"
-        print(f"{name:<12} {res:>9} {fid:>7} {cached:<7} {e.license or '-':<8} {e.description or e.urls[0]}")
+        size = f"{e.size / 2**20:.0f} MiB" if e.size else "-"
+        print(f"{name:<12} {res:>9} {fid:>7} {size:>9} {cached:<7} {e.license or '-':<8} {e.description or e.urls[0]}")
     return 0
 
 

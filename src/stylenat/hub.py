@@ -8,12 +8,12 @@ A folder holds what the Hub and its users expect::
                          "classes", "generator": GeneratorConfig, "discriminator": DiscriminatorConfig | null,
                          "modules", "parameters", "files": {"model.safetensors": {"sha256", "size"}}, ...}
     model.safetensors   a stylenat model file (self-describing; see stylenat.models.io)
-    README.md           the model card: YAML front matter (license, library_name, tags, datasets) and the
+    README.md           the model card: YAML front matter (license, library_name, pipeline_tag, tags) and the
                         configuration, parameter counts, training data and metrics when known
 
 Reading a folder checks ``model.safetensors`` against the sha256 in ``config.json``, and that both
 describe the same generator. The Hub client does not hash what it downloads, so ``hf://`` models are
-rechecked the same way (and against the Hub's LFS sha256 when it reports one).
+rechecked the same way, and against the Hub's LFS sha256 (the name the Hub cache gives the file).
 """
 
 from __future__ import annotations
@@ -72,7 +72,10 @@ def export_hub(source, out_dir: str | os.PathLike, modules: tuple[str, ...] | No
     if missing:
         raise ModelFileError(f"{source} holds {sorted(loaded)}, not {missing[0]!r}")
     kept = {n: loaded[n] for n in wanted}
-    g = kept.get("g_ema") or next(m for n, m in kept.items() if n.startswith("g"))
+    generators = [m for n, m in kept.items() if n.startswith("g")]
+    if not generators:
+        raise ConfigError(f"--modules {','.join(wanted)}: a Hub folder needs a generator (g_ema or g) besides any d")
+    g = kept.get("g_ema") or generators[0]
     d = kept.get("d")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +100,7 @@ def export_hub(source, out_dir: str | os.PathLike, modules: tuple[str, ...] | No
     with atomic_path(out / CONFIG_FILE) as tmp:
         Path(tmp).write_text(json.dumps(config, indent=2) + "\n")
     with atomic_path(out / CARD_FILE) as tmp:
-        Path(tmp).write_text(_model_card(config, description, out.name))
+        Path(tmp).write_text(_model_card(config, description, out.resolve().name))
     return out
 
 
@@ -153,6 +156,8 @@ def check_hub_dir(path: str | os.PathLike, etag: str | None = None) -> Path:
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
         recorded = config["files"][MODEL_FILE]["sha256"]
+        if not isinstance(recorded, str) or not re.fullmatch(r"[0-9a-f]{64}", recorded):
+            raise ValueError(f"the sha256 of {MODEL_FILE} is {recorded!r}, not 64 hex digits")
     except FileNotFoundError:
         raise MissingFileError(f"{path} has no {CONFIG_FILE}; is it a folder written by `stylenat export-hub`?") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -209,13 +214,9 @@ def hf_model_file(spec: str) -> Path:
                                     "($STYLENAT_OFFLINE/$HF_HUB_OFFLINE); run once online, or copy the folder and "
                                     "load it by path") from None
             raise _hub_error(exc, f"{spec}: cannot get {name}") from None
-    etag = None
-    if not local_only:
-        try:
-            info = hub.get_hf_file_metadata(hub.hf_hub_url(repo, MODEL_FILE, revision=revision, endpoint=endpoint))
-            etag = info.etag if info.etag and re.fullmatch(r"[0-9a-f]{64}", info.etag) else None
-        except Exception as exc:
-            raise _hub_error(exc, f"{spec}: cannot read the metadata of {MODEL_FILE}") from None
+    # The Hub cache names each file's blob after its ETag, which for LFS files is their sha256.
+    blob = paths[MODEL_FILE].resolve().name
+    etag = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None
     if paths[CONFIG_FILE].parent != paths[MODEL_FILE].parent:
         raise ModelFileError(f"{spec}: the Hub cache put {CONFIG_FILE} and {MODEL_FILE} in different folders")
     return check_hub_dir(paths[MODEL_FILE].parent, etag)

@@ -35,6 +35,7 @@ import re
 import sys
 import time
 import urllib.parse
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,11 @@ BUILTIN: dict[str, ModelEntry] = {
 }
 
 _registered: dict[str, ModelEntry] = {}
+# (field, accepted types, how the error says it) of the entry fields that are not checked on their own.
+_TYPES = (("size", (int,), "a positive whole number of bytes"), ("resolution", (int,), "a positive whole number"),
+          ("fid", (int, float), "a number"), ("preset", (str,), "a preset name"),
+          ("dataset", (str,), "text"), ("license", (str,), "text"), ("license_note", (str,), "text"),
+          ("description", (str,), "text"))
 _FIELDS = {f.name for f in dataclasses.fields(ModelEntry)} - {"name", "urls"}
 
 
@@ -142,7 +148,12 @@ def _entry(name: str, fields: dict, where: str) -> ModelEntry:
     sha = fields.get("sha256")
     if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha.lower())):
         raise ConfigError(f"{where}: entry {name!r}: sha256 must be 64 hex digits, got {sha!r}")
-    entry = ModelEntry(name, tuple(urls), **{k: v for k, v in fields.items() if k in _FIELDS},)
+    for key, kinds, what in _TYPES:
+        value = fields.get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)
+                                  or (kinds == (int,) and value < 1)):
+            raise ConfigError(f"{where}: entry {name!r}: {key} must be {what}, got {value!r}")
+    entry = ModelEntry(name, tuple(urls), **{k: v for k, v in fields.items() if k in _FIELDS})
     entry = dataclasses.replace(entry, sha256=None if sha is None else sha.lower())
     if entry.official:
         if (entry.preset is None) == (entry.meta is None):
@@ -215,9 +226,11 @@ def model_dir(name: str) -> Path:
 
 
 def _mirrored(urls: tuple[str, ...]) -> list[str]:
-    base = os.environ.get(MIRROR_ENV, "").rstrip("/")
+    base = os.environ.get(MIRROR_ENV, "").strip().rstrip("/")
     if not base:
         return list(urls)
+    if urllib.parse.urlparse(base).scheme not in ("http", "https", "file"):
+        raise ConfigError(f"${MIRROR_ENV}={base!r} is not a base URL: use http://..., https://... or file:///path")
     out = []
     for url in urls:
         path = urllib.parse.urlparse(url).path
@@ -231,12 +244,24 @@ def _mirrored(urls: tuple[str, ...]) -> list[str]:
 def _locked(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (so ranks of one job download a model once, not at once)."""
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; concurrent first downloads are left to the user
-        yield
-        return
-    with open(folder / ".lock", "w") as handle:
+    with open(folder / ".lock", "a+b") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+
+            while True:
+                try:
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)  # retries for 10 s, then raises
+                    break
+                except OSError:
+                    continue
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+            return
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -269,7 +294,18 @@ def _check_cached(entry: ModelEntry) -> Path | None:
     if entry.sha256 is not None and record.get("sha256") != entry.sha256:
         raise ModelFileError(f"the cached {entry.name} came from a file with sha256 {str(record.get('sha256'))[:16]}..., "
                              f"the registry now expects {entry.sha256[:16]}...; {redo}")
+    if entry.sha256 is None and record.get("url") not in entry.urls:
+        raise ModelFileError(f"the cached {entry.name} came from {record.get('url')}, the registry now points at "
+                             f"{entry.urls[0]}; {redo}")
+    if record.get("config", _configuration(entry)) != _configuration(entry):
+        raise ModelFileError(f"the cached {entry.name} was converted with another preset/meta than the registry's "
+                             f"now; {redo}")
     return model
+
+
+def _configuration(entry: ModelEntry):
+    """What the cached model was converted with: the preset name or the official meta (None for .safetensors)."""
+    return entry.meta if entry.meta is not None else entry.preset
 
 
 def cached_model(name: str) -> Path | None:
@@ -290,9 +326,9 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
     entry = get_entry(name)
     folder = model_dir(name)
     with _locked(folder):
-        if force:
-            for stale in (folder / RECORD_FILE, folder / MODEL_FILE):
-                stale.unlink(missing_ok=True)
+        if force:  # everything but a file placed by hand
+            for stale in (RECORD_FILE, MODEL_FILE, f"{entry.filename}.partial", f"{entry.filename}.partial.json"):
+                (folder / stale).unlink(missing_ok=True)
         cached = _check_cached(entry)
         if cached is not None:
             return cached
@@ -316,7 +352,7 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
         _say(f"{name}: sha256 {digest} ({'matches the registry' if checked else 'not in the registry: recorded'})")
         model = _convert(entry, source, digest)
         record = {"name": name, "url": entry.urls[0], "file": entry.filename, "size": size,
-                  "sha256": digest, "sha256_checked": checked, "model_file": MODEL_FILE,
+                  "sha256": digest, "sha256_checked": checked, "config": _configuration(entry), "model_file": MODEL_FILE,
                   "model_sha256": file_sha256(model), "stylenat": package_version(),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with atomic_path(folder / RECORD_FILE) as tmp:
@@ -341,8 +377,15 @@ def _convert(entry: ModelEntry, source: Path, digest: str) -> Path:
             read_model_file(source)  # a stylenat model file already: checked, then used as it is
             os.replace(source, model)
     except UserError as exc:
+        what = "official StyleNAT checkpoint" if entry.official else "stylenat model"
+        reason = first_line(exc)
+        reason = reason if len(reason) <= 300 else reason[:300] + "..."
+        foreign = "cannot read" in reason or "not in the official layout" in reason
+        if entry.official and zipfile.is_zipfile(source) and not foreign:
+            # A readable checkpoint of another configuration: the entry is wrong, not the file; keep it.
+            raise ModelFileError(f"{entry.name}: {source} does not fit the entry's preset/meta ({reason}); it is kept: "
+                                 "fix the entry and run again") from None
         source.unlink(missing_ok=True)
-        raise ModelFileError(f"{entry.name}: the file from {entry.urls[0]} is not a usable "
-                             f"{'official StyleNAT checkpoint' if entry.official else 'stylenat model'} "
-                             f"({' '.join(str(exc).split())}); it was deleted") from None
+        raise ModelFileError(f"{entry.name}: the file from {entry.urls[0]} is not a usable {what} ({reason}); "
+                             "it was deleted") from None
     return model
