@@ -20,7 +20,7 @@ RANK = {"base": 0, "nn": 1, "models": 2, "data": 2, "metrics": 3, "sampling": 4,
 GROUP_OF_TOP = {
     "_system": "base", "errors": "base", "_config": "base", "_download": "base",
     "nn": "nn", "models": "models", "registry": "models", "hub": "models", "data": "data", "metrics": "metrics",
-    "sampling": "sampling", "attention_maps": "sampling", "editing": "sampling", "projection": "sampling",
+    "sampling": "sampling", "export": "sampling", "attention_maps": "sampling", "editing": "sampling", "projection": "sampling",
     "train": "train", "app": "app", "cli": "cli", "__main__": "cli",
 }
 # Modules above models that the package root re-exports lazily (PEP 562 __getattr__).

@@ -35,7 +35,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process so far.
+
+    On Linux /proc/self/status's VmHWM: unlike getrusage's ru_maxrss, it restarts at exec, so a
+    child process started from a big parent reports its own peak, not the parent's.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     import resource  # POSIX only: imported here so that the rest of this module works on Windows
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -228,8 +228,36 @@ def _cmd_push_hub(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from stylenat.export import SUFFIXES, export
+
+    out = args.out or f"{_output_stem(args.model)}{SUFFIXES[args.format]}"
+    report = export(_load_generator(args), out, args.format, args.input, args.opset, check=not args.no_check,
+                    check_seeds=parse_ints(args.check_seeds, "--check-seeds"))
+    g = report.generator_config
+    what = "ws" if args.input == "w" else ("z, psi, labels" if g.num_classes else "z, psi")
+    checked = ("not checked (--no-check)" if report.max_level_diff is None else
+               f"checked against PyTorch on {report.checked_images} images: largest pixel difference "
+               f"{report.max_level_diff} level{'s' if report.max_level_diff != 1 else ''}")
+    opset = f", opset {report.opset}" if report.opset else ""
+    print(f"wrote {report.path} ({args.format}{opset}; inputs {what}; {report.seconds:.1f} s); {checked}")
+    return 0
+
+
+def _output_stem(model: str) -> str:
+    """An output name for ``model``: the registry name, or the file's or folder's name without suffix."""
+    from pathlib import Path
+
+    return Path(str(model).rstrip("/")).stem or "generator"
+
+
 def _load_generator(args: argparse.Namespace):
+    from stylenat.export import is_exported
     from stylenat.models import resolve_model
+
+    if is_exported(args.model):
+        raise UserError(f"{args.model} is an exported model: `stylenat generate` samples it; for `stylenat {args.command}` "
+                        "give the model it was exported from")
 
     return resolve_model(args.model, preset=args.preset, meta=args.meta, device=args.device)
 
@@ -257,20 +285,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--grid {args.grid}: need ROWSxCOLS with room for all {len(seeds)} seeds")
     if args.no_images and grid is None and not args.classes:
         raise UserError("--no-images without --grid would write nothing; add --grid ROWSxCOLS")
-    g = _load_generator(args)
-    if args.compile:
-        from stylenat.models.compiled import compile_generator
+    from stylenat.export import is_exported, load_exported
 
-        compile_generator(g, "default")  # no CUDA graphs: the images are kept across passes
+    if is_exported(args.model):  # an exported file runs on its own runtime (onnxruntime, or the .pt2 program)
+        if args.compile or args.preset or args.meta:
+            raise UserError(f"{args.model} is an exported model: --compile, --preset and --meta do not apply")
+        g = load_exported(args.model)
+        sample = g.generate
+        args.batch = args.batch or EXPORTED_BATCH
+    else:
+        g = _load_generator(args)
+        if args.compile:
+            from stylenat.models.compiled import compile_generator
+
+            compile_generator(g, "default")  # no CUDA graphs: the images are kept across passes
+
+        def sample(seeds, psi, labels, batch):
+            return generate(g, seeds, psi, batch, labels=labels)
+        args.batch = args.batch or 16
     if args.classes:  # one row per class, one column per seed
         if not g.config.num_classes:
             raise UserError("--classes: this model is unconditional (it has no classes)")
         classes = range(g.config.num_classes)
-        images = torch.cat([generate(g, seeds, args.trunc, args.batch, labels=k) for k in classes])
+        images = torch.cat([sample(seeds, args.trunc, k, args.batch) for k in classes])
         grid = (len(classes), len(seeds))
         seeds = [f"{s:04d}-{g.config.classes[k]}" for k in classes for s in seeds]
     else:
-        images = generate(g, seeds, args.trunc, args.batch, labels=args.cls)
+        images = sample(seeds, args.trunc, args.cls, args.batch)
         seeds = [f"{s:04d}" for s in seeds]
     out = Path(args.out)
     if not args.no_images:
@@ -280,6 +321,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         save_image_grid(images, out / "grid.png", grid)
     print(f"wrote {0 if args.no_images else len(seeds)} images{' and grid.png' if grid else ''} to {out}")
     return 0
+
+
+EXPORTED_BATCH = 4  # `generate FILE.onnx` default batch: ffhq256 in onnxruntime needs ~1.7 GiB per image in flight
 
 
 def _float_list(text: str, name: str) -> list[float]:
@@ -647,14 +691,15 @@ def build_parser() -> argparse.ArgumentParser:
     def class_arg(p):
         p.add_argument("--class", dest="cls", metavar="N|NAME", help="class-conditional models: the class (index or name)")
 
-    def sampling_args(p):
+    def sampling_args(p, batch_help="images per forward pass (default 16)"):
         p.add_argument("--trunc", type=float, default=1.0, help="truncation psi: 1 none (default), 0 the mean image "
                                                                 "(of the class, for a conditional model)")
-        p.add_argument("--batch", type=int, default=16, help="images per forward pass (default 16)")
+        p.add_argument("--batch", type=int, default=16, help=batch_help)
         class_arg(p)
 
     p = sub.add_parser("generate", help="images from seeds: one PNG per seed and/or a grid")
-    model_args(p)
+    model_args(p, "model file, run directory, export-hub folder, registered name (e.g. ffhq256), hf://OWNER/REPO, "
+                  "or an exported .onnx/.pt2")
     p.add_argument("--seeds", required=True, help="seeds, e.g. 0-63, 1,5,9 or 0-3,10")
     p.add_argument("--grid", metavar="ROWSxCOLS", help="also write grid.png, e.g. 8x8")
     p.add_argument("--no-images", action="store_true", help="write only the grid")
@@ -664,8 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (seed0000.png, ..., grid.png)")
     p.add_argument("--compile", action="store_true", help="run the generator compiled (torch.compile, inductor): "
                                                           "faster passes after a slow first one per batch size")
-    sampling_args(p)
-    p.set_defaults(func=_cmd_generate)
+    sampling_args(p, "images per forward pass (default 16; 4 for an exported file: onnxruntime holds nearly four "
+                     "times PyTorch's memory per image)")
+    p.set_defaults(func=_cmd_generate, batch=None)
 
     p = sub.add_parser("mix", help="style-mixing grid: rows' latents with some ws indices from the columns")
     model_args(p)
@@ -806,6 +852,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch to commit to (default main)")
     p.add_argument("--message", help="commit message")
     p.set_defaults(func=_cmd_push_hub)
+
+    p = sub.add_parser("export", help="export the generator to ONNX or torch.export, checked against PyTorch",
+                       description="The whole sampling path in one graph: z, psi (and labels) -> uint8 images, or "
+                                   "ws -> images with --input w; batch dynamic. ONNX needs: pip install "
+                                   '"stylenat[onnx]". `stylenat generate FILE.onnx` samples the result.')
+    model_args(p)
+    p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx",
+                   help="onnx (default; onnxruntime, TensorRT, web) or torch-export (a .pt2 program for torch.export.load)")
+    p.add_argument("--out", help="output file (default: MODEL's name with .onnx or .pt2)")
+    p.add_argument("--input", choices=["z", "w"], default="z",
+                   help="z (default): inputs z, psi (truncation, a scalar) and labels for conditional models; "
+                        "w: input ws [batch, num_ws, style_dim], for projected or edited latents")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--check-seeds", default="0-2", help="seeds of the check against PyTorch, each at psi 1 and 0.7 "
+                                                        "(default 0-2)")
+    p.add_argument("--no-check", action="store_true", help="skip the check (not recommended)")
+    p.set_defaults(func=_cmd_export)
 
     return parser
 

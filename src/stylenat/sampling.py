@@ -33,6 +33,7 @@ __all__ = [
     "class_index",
     "class_indices",
     "generate",
+    "synthesize",
     "style_mix",
     "interpolate",
     "seeds_to_w",
@@ -56,11 +57,13 @@ def _eval_mode(g: nn.Module):
         g.train(was_training)
 
 
-def _device_of(g: nn.Module) -> torch.device:
-    return next(g.parameters()).device
+def _device_of(g) -> torch.device:
+    """Where g's weights are; the CPU for a generator without torch weights (an exported file)."""
+    weight = next(g.parameters(), None) if isinstance(g, nn.Module) else None
+    return torch.device("cpu") if weight is None else weight.device
 
 
-def _synthesize(g: nn.Module, ws: Tensor, batch: int) -> Tensor:
+def synthesize(g: nn.Module, ws: Tensor, batch: int = 16) -> Tensor:
     """ws [N, num_ws, style_dim] (or w [N, style_dim], broadcast) -> uint8 [N, 3, S, S] on the CPU."""
     from stylenat.models import model_to_uint8
 
@@ -172,7 +175,7 @@ def generate(g: nn.Module, seeds: Sequence[int], truncation_psi: float = 1.0, ba
             index (int, numpy integer, integer tensor element) or a name; a sequence, 1-d tensor or
             array gives one per seed.
     """
-    return _synthesize(g, seeds_to_w(g, seeds, truncation_psi, labels), batch)
+    return synthesize(g, seeds_to_w(g, seeds, truncation_psi, labels), batch)
 
 
 def style_mix(g: nn.Module, row_seeds: Sequence[int] | Tensor, col_seeds: Sequence[int] | Tensor,
@@ -200,9 +203,9 @@ def style_mix(g: nn.Module, row_seeds: Sequence[int] | Tensor, col_seeds: Sequen
     ws[:, :, idx] = ws_cols[None, :, idx]
     size = g.resolution
     grid = torch.zeros(rows + 1, cols + 1, 3, size, size, dtype=torch.uint8)
-    grid[0, 1:] = _synthesize(g, ws_cols, batch)
-    grid[1:, 0] = _synthesize(g, ws_rows, batch)
-    grid[1:, 1:] = _synthesize(g, ws.flatten(0, 1), batch).view(rows, cols, 3, size, size)
+    grid[0, 1:] = synthesize(g, ws_cols, batch)
+    grid[1:, 0] = synthesize(g, ws_rows, batch)
+    grid[1:, 1:] = synthesize(g, ws.flatten(0, 1), batch).view(rows, cols, 3, size, size)
     return grid
 
 
@@ -253,7 +256,7 @@ def interpolate(g: nn.Module, seeds: Sequence[int] | Tensor, frames_per_seed: in
     if space == "z":
         with _eval_mode(g):
             path = g.mapping(path, truncation_psi=truncation_psi, c=class_indices(g, labels, len(path)))
-    return _synthesize(g, path, batch)
+    return synthesize(g, path, batch)
 
 
 def check_video_path(path: str | Path) -> Path:
