@@ -129,8 +129,18 @@ def test_onnx_metadata_and_signature(tiny, tiny_onnx):
 
 
 def test_family64_class_conditional_onnx(family64, onnx_files):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_files["family64"]), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type, i.shape) for i in session.get_inputs()] == [
+        ("z", "tensor(float)", ["batch", 32]), ("psi", "tensor(float)", []), ("labels", "tensor(int64)", ["batch"])]
     e = load_exported(onnx_files["family64"])
     assert e.config.classes == ("cat", "dog", "fox")
+    z = np.zeros((2, 32), np.float32)
+    with pytest.raises(ConfigError, match=r"labels must be 2 class indices in 0-2, got"):
+        e(z, 1.0, np.array([0, 3]))  # the graph would not object: its one-hot of 3 is all zeros
+    for psi in (0.0, -0.5, 1.5):  # any truncation, including extrapolation
+        assert _max_diff(e.generate(SEEDS, psi, labels="cat"), generate(family64, SEEDS, psi, labels="cat")) <= 1
     for psi in PSIS:
         for labels in ("dog", [0, 1, 2, 0]):
             assert _max_diff(e.generate(SEEDS, psi, labels=labels), generate(family64, SEEDS, psi, labels=labels)) <= 1
@@ -166,10 +176,15 @@ def test_torch_export_program(micro, tmp_path, input):
 
 def test_a_failed_check_writes_nothing(micro, tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "MAX_LEVEL_DIFF", -1)  # any export now "differs"
+    (tmp_path / "g.pt2").write_bytes(b"the previous export")
+    micro.train()
     with pytest.raises(ModelFileError, match=r"differs from PyTorch by up to 0 pixel levels \(allowed -1\).*nothing was "
                                              r"written"):
-        export(micro, tmp_path / "g.pt2", format="torch-export")
-    assert list(tmp_path.iterdir()) == []
+        export(micro.double(), tmp_path / "g.pt2", format="torch-export")
+    assert [p.name for p in tmp_path.iterdir()] == ["g.pt2"]  # no temporary file left
+    assert (tmp_path / "g.pt2").read_bytes() == b"the previous export"
+    assert micro.training and next(micro.parameters()).dtype == torch.float64  # the caller's model is untouched
+    micro.float().eval()
 
 
 def test_cli_export_then_generate_from_the_file(tiny, tiny_onnx, micro, tmp_path, capsys):
@@ -200,6 +215,12 @@ def test_errors(tiny, tmp_path, monkeypatch):
         load_exported(tmp_path / "missing.onnx")
     with pytest.raises(ConfigError, match="export input 'x'"):
         export(tiny, tmp_path / "g.onnx", input="x")
+    with pytest.raises(ConfigError, match=r"g\.onnx: a torch-export file is named \*\.pt2"):
+        export(tiny, tmp_path / "g.onnx", format="torch-export")
+    with pytest.raises(ConfigError, match=r"is a folder; give the file to write, e\.g\. .*generator\.onnx"):
+        export(tiny, tmp_path)
+    with pytest.raises(ConfigError, match=r"--opset 17: the ONNX exporter writes opset 18 or newer"):
+        export(tiny, tmp_path / "g.onnx", opset=17)
     real = export_module._importable
     monkeypatch.setattr(export_module, "_importable", lambda name: name != "onnxscript" and real(name))
     with pytest.raises(UserError, match=r'ONNX export needs onnxscript: pip install "stylenat\[onnx\]"'):

@@ -229,9 +229,10 @@ def _cmd_push_hub(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from stylenat.export import SUFFIXES, export
+    from stylenat.export import SUFFIXES, check_target, export
 
     out = args.out or f"{_output_stem(args.model)}{SUFFIXES[args.format]}"
+    check_target(out, args.format, args.input, args.opset)  # before loading (or downloading) the model
     report = export(_load_generator(args), out, args.format, args.input, args.opset, check=not args.no_check,
                     check_seeds=parse_ints(args.check_seeds, "--check-seeds"))
     g = report.generator_config
@@ -283,13 +284,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("--classes makes one row for every class; drop --class (or drop --classes for one class)")
     if grid is not None and (len(grid) != 2 or min(grid) < 1 or grid[0] * grid[1] < len(seeds)):
         raise UserError(f"--grid {args.grid}: need ROWSxCOLS with room for all {len(seeds)} seeds")
+    if args.batch is not None and args.batch < 1:
+        raise UserError(f"--batch {args.batch}: give at least 1 image per pass")
     if args.no_images and grid is None and not args.classes:
         raise UserError("--no-images without --grid would write nothing; add --grid ROWSxCOLS")
     from stylenat.export import is_exported, load_exported
 
     if is_exported(args.model):  # an exported file runs on its own runtime (onnxruntime, or the .pt2 program)
-        if args.compile or args.preset or args.meta:
-            raise UserError(f"{args.model} is an exported model: --compile, --preset and --meta do not apply")
+        if args.compile or args.preset or args.meta or args.device:
+            raise UserError(f"{args.model} is an exported model (run on the CPU by its runtime): --compile, --preset, "
+                            "--meta and --device do not apply")
         g = load_exported(args.model)
         sample = g.generate
         args.batch = args.batch or EXPORTED_BATCH

@@ -18,12 +18,16 @@ class names, input kind and the stylenat version go into the file's metadata (ON
 ``torch.randn(style_dim, generator=torch.Generator().manual_seed(seed))``.
 
 Not in the graph: ``truncation_cutoff`` (every ws index is truncated), style mixing (export ``w``
-and mix the latents), other resolutions, half precision, and the flex/CUDA-graph fast paths.
+and mix the latents), other resolutions, half precision, and the flex/CUDA-graph fast paths. The
+mean w (and the classes' mean w) are constants of the file, as they were at export: export again
+after recomputing them. The graph does not check labels: an index outside 0..classes-1 gives a
+wrong image, not an error (:class:`ExportedGenerator` checks them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -44,14 +48,16 @@ from stylenat.models.generator import Generator, seeds_to_z
 from stylenat.nn.attention import na_backend
 from stylenat.sampling import class_indices, generate, seeds_to_w
 
-__all__ = ["FORMATS", "INPUTS", "DEFAULT_OPSET", "ONNX_EXTRA", "ExportReport", "ExportedGenerator", "export",
+__all__ = ["FORMATS", "INPUTS", "DEFAULT_OPSET", "ONNX_EXTRA", "ExportReport", "ExportedGenerator", "export", "check_target",
            "load_exported", "is_exported"]
 
 FORMATS = ("onnx", "torch-export")
 INPUTS = ("z", "w")
 SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2"}
 # Opset 18: what onnxruntime >= 1.14, TensorRT >= 8.6 and onnxruntime-web read; the graph needs nothing newer.
+# It is also the oldest the torch.export-based ONNX exporter writes.
 DEFAULT_OPSET = 18
+MIN_OPSET = 18
 ONNX_EXTRA = 'pip install "stylenat[onnx]"'
 FORMAT_TAG = "stylenat-export/1"
 CHECK_SEEDS = (0, 1, 2)
@@ -145,12 +151,32 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def check_target(path: str | os.PathLike, format: str, input: str, opset: int) -> Path:
+    """``path`` as a Path after checking what :func:`export` is asked for, before any work is done."""
+    if format not in FORMATS:
+        raise ConfigError(f"export format {format!r}: choose one of {', '.join(FORMATS)}")
+    if input not in INPUTS:
+        raise ConfigError(f"export input {input!r}: choose z (z, psi, labels) or w (ws)")
+    path = Path(path)
+    want = SUFFIXES[format]
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the file to write, e.g. {path / ('generator' + want)}")
+    if path.suffix.lower() != want:
+        raise ConfigError(f"{path}: a {format} file is named *{want} (that is how `stylenat generate` and runtimes "
+                          f"recognise it)")
+    if format == "onnx":
+        if not isinstance(opset, int) or opset < MIN_OPSET:
+            raise ConfigError(f"--opset {opset}: the ONNX exporter writes opset {MIN_OPSET} or newer")
+        _require_onnx()
+    return path
+
+
 def export(g: Generator, path: str | os.PathLike, format: str = "onnx", input: str = "z", opset: int = DEFAULT_OPSET,
            check: bool = True, check_seeds: Sequence[int] = CHECK_SEEDS, optimize: bool = True) -> ExportReport:
     """Export generator ``g`` (its weights as they are; use g_ema) to ``path``.
 
     Args:
-        g: a stylenat generator (moved to the CPU in float32 for tracing).
+        g: a stylenat generator; a copy of it, on the CPU in float32 and eval mode, is traced.
         path: the output file (``.onnx`` or ``.pt2``); written only after the check passed.
         format: "onnx" or "torch-export".
         input: "z" (z, psi, labels) or "w" (ws); see the module docstring.
@@ -160,14 +186,8 @@ def export(g: Generator, path: str | os.PathLike, format: str = "onnx", input: s
         optimize: let the ONNX exporter fold constants and drop redundant ops.
     Returns an :class:`ExportReport`.
     """
-    if format not in FORMATS:
-        raise ConfigError(f"export format {format!r}: choose one of {', '.join(FORMATS)}")
-    if input not in INPUTS:
-        raise ConfigError(f"export input {input!r}: choose z (z, psi, labels) or w (ws)")
-    path = Path(path)
-    if format == "onnx":
-        _require_onnx()
-    g = g.float().cpu().eval()
+    path = check_target(path, format, input, opset)
+    g = copy.deepcopy(g).float().cpu().eval()  # the caller's model keeps its device, dtype and mode
     args, shapes, names = _example(g, input)
     module = WsToImages(g) if input == "w" else ZToImages(g)
     start = time.monotonic()
@@ -199,6 +219,9 @@ def _export_onnx(module, args, shapes, names, path, metadata: dict, opset: int, 
     if program is None:  # pragma: no cover - the dynamo exporter always returns its program
         raise RuntimeError("torch.onnx.export returned no program")
     model = program.model_proto
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise ConfigError(f"--opset {opset}: the ONNX exporter wrote opset {written} instead; use --opset {written}")
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -211,12 +234,12 @@ def _check(exported: "ExportedGenerator", g: Generator, seeds: Sequence[int]) ->
     worst, count = 0, 0
     labels = [s % g.config.num_classes for s in seeds] if g.config.num_classes else None
     for psi in CHECK_PSIS:
-        want = generate(g, seeds, psi, batch=len(seeds), labels=labels)
+        want = generate(g, seeds, psi, batch=4, labels=labels)
         if exported.input == "w":
             ws = seeds_to_w(g, seeds, psi, labels)[:, None].expand(-1, g.num_ws, -1)
             got = exported.synthesize(ws)
         else:
-            got = exported.generate(seeds, psi, labels=labels, batch=len(seeds))
+            got = exported.generate(seeds, psi, labels=labels, batch=4)
         worst = max(worst, int((got.int() - want.int()).abs().max()))
         count += len(seeds)
     return worst, count
@@ -298,8 +321,15 @@ class ExportedGenerator:
         if self.input == "w":
             return self._run(np.ascontiguousarray(z_or_ws, dtype=np.float32))
         arrays = [np.ascontiguousarray(z_or_ws, dtype=np.float32), np.asarray(psi, dtype=np.float32)]
+        if arrays[1].ndim:
+            raise ConfigError(f"psi is one number for the whole batch, got an array of shape {arrays[1].shape}")
         if self.config.num_classes:
-            arrays.append(np.ascontiguousarray(labels, dtype=np.int64))
+            c = np.ascontiguousarray(labels, dtype=np.int64)
+            if c.shape != (len(arrays[0]),) or c.min(initial=0) < 0 or c.max(initial=0) >= self.config.num_classes:
+                # the graph does not check: a one-hot of an index out of range is all zeros, not an error
+                raise ConfigError(f"labels must be {len(arrays[0])} class indices in 0-{self.config.num_classes - 1}, "
+                                  f"got {labels!r}")
+            arrays.append(c)
         return self._run(*arrays)
 
     def generate(self, seeds: Sequence[int], truncation_psi: float = 1.0, labels=None, batch: int = 16) -> Tensor:
