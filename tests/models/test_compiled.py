@@ -90,6 +90,7 @@ def test_compile_generator_rejects_bad_modes():
     assert compile_settings(g) is None
 
 
+@pytest.mark.slow  # 35 s of inductor compile; CI's gpu_check dry run runs `stylenat bench tiny --mode fast` too
 def test_cli_bench_fast_mode(tmp_path):
     # A subprocess: the fast mode changes process-wide state (glibc's malloc settings, dynamo's caches).
     out = tmp_path / "bench.json"
