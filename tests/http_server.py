@@ -102,7 +102,7 @@ class FileServer:
                 if not body:
                     return
                 chunk = data[first:]
-                if body and self.command == "GET" and served.cuts_left > 0:
+                if served.cuts_left > 0:
                     served.cuts_left -= 1
                     chunk = chunk[: served.cut_bytes]
                     self.close_connection = True

@@ -106,8 +106,8 @@ def test_a_later_try_resumes_what_an_interrupted_one_left(cache, server, small):
     data, meta, expected = small
     tries = 1 + len(_download.BACKOFF_S)
     registry.register("small", server.add("/a.pt", data, cut_bytes=1000, cuts_left=tries), meta=_official_keys(meta))
-    with pytest.raises(DownloadError, match=rf"a\.pt: the connection dropped at 4,000 bytes of .*; 4,000 bytes kept in "
-                                            rf".*a\.pt\.partial: run again to resume$"):
+    with pytest.raises(DownloadError, match=r"a\.pt: the connection dropped at 4,000 bytes of .*; 4,000 bytes kept in "
+                                            r".*a\.pt\.partial: run again to resume$"):
         registry.fetch("small")
     partial = cache / "models" / "small" / "a.pt.partial"
     assert partial.stat().st_size == tries * 1000  # every retry resumed where the last one stopped

@@ -19,7 +19,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.request

@@ -98,9 +98,6 @@ class ModelEntry:
         """Whether the file is an official StyleNAT ``.pt`` (else a stylenat ``.safetensors`` model)."""
         return not self.filename.endswith(".safetensors")
 
-    def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "name"}
-
 
 _FFHQ_LICENSE = ("weights by SHI-Labs, released with the MIT-licensed official code; trained on FFHQ, whose images "
                  "are under CC BY-NC-SA 4.0 (NVIDIA): check both before commercial use")

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from stylenat._system import file_sha256
+from stylenat._system import cache_dir, file_sha256
 from stylenat.errors import MissingFileError, ModelFileError
-from stylenat._system import cache_dir
 from stylenat.models.config import GeneratorConfig
 
 __all__ = [
