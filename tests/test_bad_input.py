@@ -171,7 +171,7 @@ def _fake_checkpoint(run_dir, **meta_changes):
     g, d = build_generator("tiny"), build_discriminator("tiny")
     optimizers = {"g_opt": make_adam(g.parameters(), 1e-3, (0, 0.99)), "d_opt": make_adam(d.parameters(), 1e-3, (0, 0.99))}
     path = save_training_checkpoint(run_dir / "checkpoints", TrainingState(step=5), {"g": g, "g_ema": copy.deepcopy(g), "d": d}, optimizers,
-                                    [capture_rng(torch.Generator(), torch.device("cpu"))], ["-"], cfg.to_dict(), keep=3)
+                                    [capture_rng(torch.device("cpu"))], ["-"], cfg.to_dict(), keep=3)
     meta = json.loads((path / "train_state.json").read_text())
     (path / "train_state.json").write_text(json.dumps({**meta, **meta_changes}))
     return path

@@ -94,7 +94,7 @@ def test_family_discriminators_follow_the_official_rule(family, resolution):
 
 
 def test_ffhq128_count():
-    # The number the README states for `--preset ffhq --resolution 128`.
+    # The number docs/training.md states for `--preset ffhq --resolution 128`.
     assert official_generator_params(128) == 47_965_529
 
 
@@ -123,3 +123,18 @@ def test_resolution_errors():
         get_preset("ffhq", 96)
     with pytest.raises(ConfigError, match="use --preset ffhq --resolution 128"):
         get_preset("ffhq256", 128)
+
+
+@pytest.mark.parametrize("size", [48, 96, 2048, 8])
+def test_advice_for_a_size_no_preset_has_is_never_refused_advice(size):
+    """`train --preset tiny --resolution 48` once advised `--preset ffhq --resolution 48`, which is
+    then refused: the advice names only sizes that exist, the nearest ones."""
+    with pytest.raises(ConfigError) as info:
+        get_preset("tiny", size)
+    message = str(info.value)
+    assert f"--resolution {size}" not in message and f"no preset is {size}x{size}" in message
+    nearest = [r for r in (max([r for r in FAMILY_RESOLUTIONS if r < size], default=None),
+                           min([r for r in FAMILY_RESOLUTIONS if r > size], default=None)) if r is not None]
+    assert f"nearest: {' or '.join(map(str, nearest))}" in message
+    for r in nearest:
+        get_preset("ffhq", r)  # what it names works

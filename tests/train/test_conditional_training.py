@@ -208,11 +208,9 @@ def test_reals_reach_d_with_their_own_labels_and_fakes_with_those_g_drew(skewed,
 def test_fakes_draw_their_classes_in_the_data_proportions(skewed, tmp_path):
     trainer = _trainer(skewed, tmp_path / "run")
     trainer.log.close()
-    drawn = []
-    trainer.G.forward = lambda z, *args, c=None, **kwargs: drawn.append(c) or torch.zeros(len(z), 3, 16, 16)
-    for _ in range(1000):
-        trainer._fakes()
-    labels = torch.cat(drawn)
+    from stylenat.train.draws import StepDraws
+
+    labels = torch.cat([trainer._latents(StepDraws.for_micro_batch(3, (step, "g"), 4, 0, 1, 0, 1))[1] for step in range(1000)])
     n, counts = len(labels), torch.bincount(labels, minlength=3).tolist()
     assert n == 4000 and counts[1] == 0  # the class without images never comes up
     for k in (0, 2):

@@ -20,7 +20,7 @@ from stylenat.models import get_preset, resolve_model, save_model
 from stylenat.models.io import latest_checkpoint, read_model_file
 from stylenat.sampling import generate
 from stylenat.train import get_train_preset
-from stylenat.train.loop import _load_init, _official_init_preset, resolve_config
+from stylenat.train.setup import _official_init_preset, load_init as _load_init, resolve_config
 from tests.train.helpers import MICRO, assert_bitwise_equal, cli, final_state
 
 SMALL = ["--batch", "4", "--set", "grid=[2,2]", "--tick-every", "1"]

@@ -8,14 +8,12 @@ compiled attention, so this is the list the graph count of a training run is bui
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import pytest
 import torch
 
 from stylenat.cli import main
 from stylenat.models.generator import Generator
-from stylenat.train import loop
+from stylenat.train import losses, loop
 from tests.train.helpers import MICRO, assert_bitwise_equal, final_state
 
 # MICRO (the tiny preset at 16px) with everything that touches the fakes of the D step switched on:
@@ -36,17 +34,29 @@ def _train(*args) -> None:
     assert main(["train", *args]) == 0
 
 
+class _NoGradLeavesGradOn:
+    """``torch`` as the losses module sees it, except that ``no_grad()`` leaves grad mode on (as the
+    D step was before it made its fakes under no_grad)."""
+
+    no_grad = staticmethod(torch.enable_grad)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
 def _record_fakes(monkeypatch, grad_on: bool) -> list[bool]:
-    """Record the grad mode of every ``_Trainer._fakes`` call; with ``grad_on`` make every call with
-    grad mode on, as the D step did before it made its fakes under no_grad."""
-    original, modes = loop._Trainer._fakes, []
+    """Record the grad mode of every forward of the training G (not G_ema); with ``grad_on`` the D
+    step's fakes are made with grad mode on."""
+    original, modes = Generator.forward, []
 
-    def fakes(self):
-        with torch.enable_grad() if grad_on else nullcontext():
+    def forward(self, *args, **kwargs):
+        if self.training:
             modes.append(torch.is_grad_enabled())
-            return original(self)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(loop._Trainer, "_fakes", fakes)
+    monkeypatch.setattr(Generator, "forward", forward)
+    if grad_on:
+        monkeypatch.setattr(losses, "torch", _NoGradLeavesGradOn())
     return modes
 
 

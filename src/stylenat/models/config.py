@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from stylenat._config import JsonConfig, param
 from stylenat.errors import ConfigError
 
-__all__ = ["GeneratorConfig", "DiscriminatorConfig", "PRESETS", "FAMILIES", "FAMILY_RESOLUTIONS", "get_preset", "stage_resolutions"]
+__all__ = ["GeneratorConfig", "DiscriminatorConfig", "PRESETS", "FAMILIES", "FAMILY_RESOLUTIONS", "family_advice", "get_preset",
+           "stage_resolutions"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -236,13 +237,30 @@ def get_preset(name: str, resolution: int | None = None) -> tuple[GeneratorConfi
                               "META.json")
         if resolution not in FAMILY_RESOLUTIONS:
             raise ConfigError(f"preset {name!r} exists at resolutions {', '.join(map(str, FAMILY_RESOLUTIONS))}, "
-                              f"not {resolution!r}")
+                              f"not {resolution!r}{_nearest_sizes(resolution)}")
         return FAMILIES[name](resolution)
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS) + sorted(FAMILIES))}")
     g, d = PRESETS[name]()
     if resolution is not None and resolution != g.resolution:
         family = next((f for f in FAMILIES if name.startswith(f)), "ffhq")
-        raise ConfigError(f"preset {name!r} is {g.resolution}x{g.resolution}; for {resolution}x{resolution} "
-                          f"use --preset {family} --resolution {resolution}")
+        raise ConfigError(f"preset {name!r} is {g.resolution}x{g.resolution}; {family_advice(family, resolution)}")
     return g, d
+
+
+def _nearest_sizes(resolution) -> str:
+    if not isinstance(resolution, int):
+        return ""
+    below = [r for r in FAMILY_RESOLUTIONS if r < resolution]
+    above = [r for r in FAMILY_RESOLUTIONS if r > resolution]
+    near = ([str(below[-1])] if below else []) + ([str(above[0])] if above else [])
+    return f" (nearest: {' or '.join(near)}; stylenat prepare SRC DST --size N resizes the data)" if near else ""
+
+
+def family_advice(family: str, resolution: int) -> str:
+    """What to train a model of ``resolution`` with: the family at that size where it exists, else
+    the allowed sizes nearest to it (never advice that would be refused)."""
+    if resolution in FAMILY_RESOLUTIONS:
+        return f"for {resolution}x{resolution} use --preset {family} --resolution {resolution}"
+    return (f"no preset is {resolution}x{resolution}: the {family} family exists at "
+            f"{', '.join(map(str, FAMILY_RESOLUTIONS))}{_nearest_sizes(resolution)}")

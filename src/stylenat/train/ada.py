@@ -19,8 +19,9 @@ instead of resampled, so it comes out exactly permuted.
 This is written by hand rather than with kornia because kornia draws its random parameters from
 torch's global RNG on the tensors' device, which breaks the project's bitwise-exact resume and
 per-rank random streams, and because it resamples once per transform rather than once per image
-as ADA does. Here every draw comes from the ``torch.Generator`` passed to the call (a CPU
-generator whose state the checkpoints save); the pipeline holds no random state.
+as ADA does. Here every draw comes from the draws passed to the call (a training step's
+:class:`~stylenat.train.draws.StepDraws`, or a plain ``torch.Generator``); the pipeline holds no
+random state.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stylenat.errors import ConfigError, ModelFileError
+from stylenat.train.draws import Draws, as_draws
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -478,7 +480,7 @@ class AugmentPipe(nn.Module):
         on = ", ".join(f"{k}={v:g}" for k, v in self.multipliers.items() if v)
         return on or "none"
 
-    def sample(self, batch: int, height: int, width: int, p: float, gen: torch.Generator) -> AugmentParams:
+    def sample(self, batch: int, height: int, width: int, p: float, gen: Draws | torch.Generator) -> AugmentParams:
         """Draw one image batch's parameters from ``gen`` with ADA's distributions.
 
         Args:
@@ -486,7 +488,8 @@ class AugmentPipe(nn.Module):
             height: image height, pixels (scales the vertical shifts).
             width: image width, pixels (scales the horizontal shifts).
             p: augmentation probability in [0, 1], multiplied by each transform's multiplier.
-            gen: the generator every draw comes from (its device is where the numbers are drawn).
+            gen: where every draw comes from: a step's draws, or a generator (its device is where
+                the numbers are drawn).
 
         Returns:
             The parameters, on the CPU in float64.
@@ -495,11 +498,13 @@ class AugmentPipe(nn.Module):
         m = self.multipliers
         size = torch.tensor([width, height], dtype=_F64)
 
+        draws = as_draws(gen)
+
         def uniform(*shape: int) -> Tensor:
-            return torch.rand(shape, generator=gen, dtype=_F64, device=gen.device).cpu()
+            return draws.rand(shape, dtype=_F64).cpu()
 
         def normal(*shape: int) -> Tensor:
-            return torch.randn(shape, generator=gen, dtype=_F64, device=gen.device).cpu()
+            return draws.randn(shape, dtype=_F64).cpu()
 
         def gate(values: Tensor, prob: float, identity: float) -> Tensor:
             # The mask is drawn even at prob 1 so the stream does not depend on p.
@@ -555,13 +560,13 @@ class AugmentPipe(nn.Module):
         images = apply_geometric(images, geometric_matrix(params, n))
         return apply_colour(images, colour_matrix(params, n), self.mean, self.std)
 
-    def forward(self, images: Tensor, p: float, gen: torch.Generator) -> Tensor:
+    def forward(self, images: Tensor, p: float, gen: Draws | torch.Generator) -> Tensor:
         """Augment a batch; at p = 0 it returns ``images`` itself and draws nothing.
 
         Args:
             images: (n, C, H, W) images in the model's space, (pixel/255 - mean)/std.
             p: augmentation probability in [0, 1] (the controller's current value).
-            gen: the generator every draw comes from, normally a CPU generator saved in checkpoints.
+            gen: where every draw comes from: a training step's draws, or a ``torch.Generator``.
 
         Returns:
             (n, C, H, W) augmented images on the same device and dtype, differentiable w.r.t. ``images``.

@@ -45,8 +45,10 @@ __all__ = ["CheckpointWriteError", "TrainingState", "save_checkpoint", "save_tra
 STATE_FILE = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 STATE_FORMAT = "stylenat-train-state"
-# 1: the first release (no "format" key); 2: adds "format"/"version" and "components".
-STATE_VERSION = 2
+# 1: the first release (no "format" key); 2: adds "format"/"version" and "components"; 3: the training
+# generator's state is gone (a step's draws are a function of the seed and the step). An older
+# checkpoint still resumes (its generator state is ignored), with the new draws from there on.
+STATE_VERSION = 3
 
 
 class CheckpointWriteError(UserError, OSError):
@@ -116,10 +118,11 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def capture_rng(train_gen: torch.Generator, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    """This process's random states: the training generator, torch's global CPU (and CUDA) generator,
-    numpy and Python ``random``, as uint8 tensors and JSON."""
-    tensors = {"train": train_gen.get_state(), "torch_cpu": torch.get_rng_state()}
+def capture_rng(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's global random states: torch's CPU (and CUDA) generator, numpy and Python
+    ``random``, as uint8 tensors and JSON. (The training step's own numbers need no state: they are
+    a function of the seed and the step, :mod:`stylenat.train.draws`.)"""
+    tensors = {"torch_cpu": torch.get_rng_state()}
     if device.type == "cuda":
         tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -131,9 +134,8 @@ def capture_rng(train_gen: torch.Generator, device: torch.device) -> tuple[dict[
     return tensors, meta
 
 
-def restore_rng(train_gen: torch.Generator, device: torch.device, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def restore_rng(device: torch.device, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Inverse of :func:`capture_rng`."""
-    train_gen.set_state(tensors["train"])
     torch.set_rng_state(tensors["torch_cpu"])
     if device.type == "cuda" and "torch_cuda" in tensors:
         torch.cuda.set_rng_state(tensors["torch_cuda"], device)
@@ -223,7 +225,7 @@ def read_training_meta(path: Path) -> dict:
 
 
 def load_training_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                             rank: int, world: int, train_gen: torch.Generator, device: torch.device) -> TrainingState:
+                             rank: int, world: int, device: torch.device) -> TrainingState:
     """Load checkpoint ``path`` into ``modules`` and ``optimizers`` and this rank's random states.
 
     world: the number of processes now; it must be the one that wrote the checkpoint, so that
@@ -243,5 +245,5 @@ def load_training_checkpoint(path: Path, modules: dict[str, nn.Module], optimize
     for name, opt in optimizers.items():
         optimizer_from_flat(opt, tensors, meta["optimizers"][name], name)
     prefix = f"rng.{rank}."
-    restore_rng(train_gen, device, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["rng"][rank])
+    restore_rng(device, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["rng"][rank])
     return TrainingState(meta["step"], meta["images"], meta["consumed_per_rank"], meta["world"], meta.get("components", {}))

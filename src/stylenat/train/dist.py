@@ -117,6 +117,16 @@ def any_rank(flags: list[bool], device: torch.device, reduce: str = "any") -> li
     return [bool(v) for v in t.tolist()]
 
 
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value's mean over ranks (every rank has the same keys), in float32, in one all-reduce."""
+    if not _active():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float32, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
 def sum_(t: torch.Tensor) -> None:
     """Sum ``t`` over ranks, in place."""
     if _active():

@@ -1,10 +1,15 @@
 """The training loop: one D step (plus lazy R1), one G step and an EMA update per step.
 
 ``train(config)`` starts a run directory, ``resume(run_dir)`` continues its newest checkpoint.
-Every random draw (latents, augmentation) comes from one CPU generator per rank and the data
-order from a seeded stream (``ShardedStream``); both states are in the checkpoints, so a resumed
-run produces bitwise the same weights as an uninterrupted one (same device type, process count
-and torch build; see docs/robustness.md).
+This module schedules the steps, logs and checkpoints; the set-up is :mod:`stylenat.train.setup`
+and the loss terms :class:`stylenat.train.losses.RecipeLoss`.
+
+A step's random numbers (latents, classes, augmentations) are a function of the seed and the step,
+drawn for the whole step and sliced per rank and micro-batch (:mod:`stylenat.train.draws`), and the
+data order is a seeded stream dealt the same way (``ShardedStream``). So a resumed run produces
+bitwise the same weights as an uninterrupted one (same device type, process count and torch build;
+see docs/robustness.md), and 2 processes x batch 4, accum 2 x batch 4 and batch 8 train on the same
+images with the same numbers (equal weights up to float rounding: tests/train/test_equivalence.py).
 
 Interruptions: SIGTERM, SIGINT or SIGUSR1 stop the run after the current step with a checkpoint
 (:class:`TrainingStopped`; ``stylenat train`` exits with status 75); a kill at any other moment
@@ -14,22 +19,21 @@ loses only the steps since the last checkpoint (``checkpoint_every`` steps, or
 
 from __future__ import annotations
 
-import copy
 import math
-import os
-import random
 import time
-import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from stylenat.errors import ConfigError, MissingFileError, UserError
+from stylenat.data import open_dataset, save_image_grid
+from stylenat.errors import MissingFileError, UserError
+from stylenat.metrics.registry import calc_metric, load_inception_for, needs_inception
+from stylenat.models import GeneratorConfig, model_to_uint8, seeds_to_z, uint8_to_model
 from stylenat.train import dist
-from stylenat.train.augment import bcr_augment, diffaugment
+from stylenat.train.ada import AdaController, AugmentPipe
+from stylenat.train.augment import diffaugment
 from stylenat.train.checkpoint import (
     TrainingState,
     capture_rng,
@@ -39,13 +43,21 @@ from stylenat.train.checkpoint import (
     weights_digest,
 )
 from stylenat.train.config import TrainConfig
+from stylenat.train.draws import StepDraws
 from stylenat.train.ema import ema_beta, update_ema
-from stylenat.train.losses import consistency_loss, d_logistic_loss, g_nonsaturating_loss, r1_penalty
-from stylenat.train.optim import lr_factor, make_adam, requires_grad, set_lr_factor
+from stylenat.train.losses import RecipeLoss
+from stylenat.train.optim import lr_factor, requires_grad, set_lr_factor
 from stylenat.train.runlog import RunLog, format_duration, peak_memory_gib
 from stylenat.train.sampler import ShardedStream
+from stylenat.train.setup import (
+    build_networks,
+    check_deterministic_support,
+    check_metrics,
+    load_init,
+    resolve_config,
+    use_deterministic_kernels,
+)
 from stylenat.train.signals import GracefulStop, ignore_stop_signals
-
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient norm became NaN/inf; the run stopped without writing a checkpoint."""
@@ -62,174 +74,6 @@ class TrainingStopped(Exception):
         self.signal, self.step, self.checkpoint = signal, step, checkpoint
 
 
-_REQUIRED = {"generator": ("resolution", "channels", "heads", "kernels", "dilations"), "discriminator": ("resolution", "channels")}
-
-
-def resolve_config(config: TrainConfig, init: dict[str, nn.Module] | None = None) -> TrainConfig:
-    """The config with ``generator``/``discriminator`` filled with the full model configs and
-    ``resolution`` set, checked against the data.
-
-    The model configs come from ``init`` (the modules a fine-tuning run starts from), else from
-    complete ``generator``/``discriminator`` dicts (a run's config.json), else from the preset
-    (a family sized by ``resolution`` or by the data) with the dicts as overrides.
-    """
-    from stylenat.data import dataset_classes, native_resolution
-    from stylenat.models import FAMILIES, DiscriminatorConfig, GeneratorConfig, get_preset
-    from stylenat.models.config import official_discriminator
-
-    data_res, binding = native_resolution(config.data)
-    classes = dataset_classes(config.data) if config.cond is not False else []
-    if config.cond and not classes:
-        raise ConfigError(f"cond is true but {config.data} has no labels; prepare it with --labels (folders or a CSV file)")
-    g_over, d_over = dict(config.generator), dict(config.discriminator)
-    if init is None and "num_classes" not in g_over:  # a run's config.json already says (cond may have been false)
-        g_over.update(num_classes=len(classes), class_names=classes)
-        d_over.update(num_classes=len(classes))
-    if init is not None:
-        g_cfg = init["g_ema"].config
-        r = g_cfg.resolution
-        if config.resolution is not None and config.resolution != r:
-            raise ConfigError(f"--resolution {config.resolution}: the model from --init {config.init} is {r}x{r} and "
-                              f"fine-tuning keeps its size; drop --resolution and use data at {r}x{r} "
-                              f"(stylenat prepare SRC DST --size {r})")
-        # A preset with --init must describe the model (it then also picks the training recipe); an
-        # official checkpoint read by preset name got its config from that preset (its head groups
-        # adapted to the checkpoint's), so it is not compared again.
-        preset = None
-        if config.preset is not None and config.init_preset is None:
-            preset = get_preset(config.preset, r if config.preset in FAMILIES else None)
-            _check_init_preset(config, g_cfg, preset[0], "generator")
-        if "d" in init:
-            d_cfg = init["d"].config
-            if preset is not None:
-                _check_init_preset(config, d_cfg, preset[1], "discriminator")
-        else:  # a fresh D: the preset's, else the official one at this resolution, or as the user shapes it
-            fresh = (preset[1] if preset is not None else official_discriminator(r)).replace(num_classes=g_cfg.num_classes)
-            d_cfg = DiscriminatorConfig.from_dict({**fresh.to_dict(), **d_over})
-        for flag, cfg, over in (("--generator", g_cfg, g_over), ("--discriminator", d_cfg, d_over)):
-            if over and type(cfg).from_dict({**cfg.to_dict(), **over}) != cfg:
-                raise ConfigError(f"the model comes from --init {config.init}; its config cannot be changed "
-                                  f"({flag} {', '.join(sorted(over))}): drop those overrides")
-    elif all(k in g_over for k in _REQUIRED["generator"]) and all(k in d_over for k in _REQUIRED["discriminator"]):
-        g_cfg, d_cfg = GeneratorConfig.from_dict(g_over), DiscriminatorConfig.from_dict(d_over)
-    else:
-        asked = {r for r in (config.resolution, g_over.pop("resolution", None), d_over.pop("resolution", None)) if r is not None}
-        if len(asked) > 1:
-            raise ConfigError(f"conflicting resolutions {sorted(asked)} (--resolution, --generator, --discriminator)")
-        resolution = asked.pop() if asked else None
-        if config.preset in FAMILIES and resolution is None:
-            if data_res is None or not binding:
-                what = "the built-in demo" if str(config.data) == "demo" else \
-                    f"its images are {data_res}x{data_res}" if data_res else "its images differ in size or are not square"
-                raise ConfigError(f"cannot size the {config.preset} model from {config.data} ({what}): give --resolution R "
-                                  "(images are then cropped and resized to R), or prepare the data with stylenat prepare --size R")
-            resolution = data_res
-        g_cfg, d_cfg = get_preset(config.preset, resolution)
-        g_cfg = GeneratorConfig.from_dict({**g_cfg.to_dict(), **g_over})
-        d_cfg = DiscriminatorConfig.from_dict({**d_cfg.to_dict(), **d_over})
-    if tuple(g_cfg.classes) != tuple(classes) and (init is not None or config.cond is not False):
-        what = f"{len(classes)} classes ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})" if classes else "no labels"
-        raise ConfigError(f"the model has {g_cfg.num_classes} classes but {config.data} has {what}; "
-                          + ("train without labels with --cond false" if classes else "use data with the same classes"))
-    if d_cfg.num_classes != g_cfg.num_classes:
-        raise ConfigError(f"the generator has {g_cfg.num_classes} classes but the discriminator {d_cfg.num_classes}")
-    r = g_cfg.resolution
-    if d_cfg.resolution != r:
-        raise ConfigError(f"generator resolution {r} differs from discriminator resolution {d_cfg.resolution}")
-    if binding and data_res != r and init is not None:  # a fine-tuned model keeps its size: the data must fit it
-        raise ConfigError(f"{config.data} holds {data_res}x{data_res} images but the model is {r}x{r} (from --init "
-                          f"{config.init}), and fine-tuning keeps the model's size: prepare the data at {r} "
-                          f"(stylenat prepare SRC DST --size {r})")
-    if binding and data_res != r:
-        raise ConfigError(f"{config.data} holds {data_res}x{data_res} images but the model is {r}x{r}: train at the "
-                          f"data's size (--preset ffhq --resolution {data_res}) or prepare the data at {r} "
-                          f"(stylenat prepare SRC DST --size {r})")
-    group = min(config.batch, d_cfg.stddev_group)
-    if config.batch % group:
-        raise ConfigError(f"batch {config.batch} must be a multiple of the discriminator's minibatch-stddev group "
-                          f"{group}; pick another --batch or --discriminator stddev_group=N")
-    # FreezeD keeps blocks as they start: without trained ones to start from it would freeze random
-    # weights for the whole run, which no one asks for on purpose (a resumed run has init set, init None).
-    if config.freeze_d and config.init is None:
-        raise ConfigError(f"--freeze-d {config.freeze_d} keeps the first discriminator blocks as they start, and "
-                          "without --init they start random: add --init MODEL (fine-tuning) or drop --freeze-d")
-    if config.freeze_d and init is not None and "d" not in init:
-        raise ConfigError(f"--freeze-d {config.freeze_d}: {config.init} holds no discriminator, so D starts random "
-                          "and frozen blocks would stay random: init from a model with a discriminator, or drop --freeze-d")
-    if config.freeze_d > d_cfg.num_blocks:
-        raise ConfigError(f"--freeze-d {config.freeze_d}: the {r}x{r} discriminator has {d_cfg.num_blocks} blocks "
-                          "before its output block")
-    return config.replace(resolution=r, generator=g_cfg.to_dict(), discriminator=d_cfg.to_dict())
-
-
-def _check_init_preset(config: TrainConfig, model_cfg, preset_cfg, what: str) -> None:
-    """ConfigError unless the init model's ``what`` config is the preset's (classes aside: a preset has none)."""
-    import dataclasses
-
-    have = model_cfg.replace(num_classes=0, **({"class_names": ()} if what == "generator" else {}))
-    for f in dataclasses.fields(have):
-        ours, theirs = getattr(have, f.name), getattr(preset_cfg, f.name)
-        if ours != theirs:
-            raise ConfigError(f"--preset {config.preset} does not describe the model from --init {config.init} (its {what}'s "
-                              f"{f.name} is {_short(ours)}, the preset's {_short(theirs)}): drop --preset to fine-tune the "
-                              "model as it is (--set FIELD=VALUE changes the training recipe)")
-
-
-def _short(value) -> str:
-    text = str(list(value) if isinstance(value, tuple) else value).replace(" ", "")
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _check_metrics(config: TrainConfig) -> None:
-    from stylenat.metrics.registry import parse_metric
-
-    for name in config.metrics:
-        parse_metric(name)
-
-
-def _load_init(config: TrainConfig) -> tuple[TrainConfig, dict[str, nn.Module]]:
-    """The modules a fine-tuning run starts from, and the config recording their source and digest."""
-    from stylenat._system import file_sha256
-    from stylenat.models import resolve_models
-    from stylenat.models.loading import model_source_file
-
-    source = model_source_file(config.init).resolve()
-    digest = file_sha256(source)
-    if config.init_sha256 is not None and digest != config.init_sha256:
-        raise ConfigError(f"{source} changed since this run started from it (sha256 {config.init_sha256[:12]}..., "
-                          f"now {digest[:12]}...); restore it or start a new run")
-    # Only an official checkpoint (a torch zip archive) needs its configuration named; a stylenat model
-    # carries its own, and there --preset is just the training recipe (checked against the model later).
-    official = zipfile.is_zipfile(source)
-    if config.init_meta is not None and not official:
-        raise ConfigError(f"--meta describes an official checkpoint, but {source} is a stylenat model with its own "
-                          "configuration: drop --meta")
-    init_preset = _official_init_preset(config) if official else None
-    modules = resolve_models(source, init_preset, config.init_meta, device="cpu")
-    if "g_ema" not in modules:
-        modules["g_ema"] = modules["g"]
-    return config.replace(init=str(source), init_sha256=digest, init_preset=init_preset), modules
-
-
-def _official_init_preset(config: TrainConfig) -> str | None:
-    """The named preset an official ``init`` checkpoint is read with: ``init_preset`` itself, or for a
-    family (``--preset ffhq``) its named member at ``resolution`` or the data's size."""
-    from stylenat.data import native_resolution
-    from stylenat.models import FAMILIES, PRESETS
-
-    family = config.init_preset
-    if family not in FAMILIES:
-        return family
-    size = config.resolution if config.resolution is not None else native_resolution(config.data)[0]
-    named = [n for n in PRESETS if n.startswith(family)]
-    if size is not None and f"{family}{size}" in PRESETS:
-        return f"{family}{size}"
-    where = (f"there is no named {family} preset at {size}x{size}" if size is not None else
-             f"the size is not known ({config.data} does not set it and --resolution is not given)")
-    raise ConfigError(f"--preset {family} is a family, and an official checkpoint is read with the named preset it was "
-                      f"trained with ({', '.join(named)}) or --meta META.json; {where}")
-
-
 def train(config: TrainConfig) -> Path:
     """Train into ``config.run_dir`` (which must hold no checkpoint yet), from scratch or from ``config.init``.
 
@@ -238,10 +82,10 @@ def train(config: TrainConfig) -> Path:
     run_dir = Path(config.run_dir)
     if latest_checkpoint(run_dir / "checkpoints") is not None:
         raise UserError(f"{run_dir} already holds checkpoints; continue it with `stylenat train --resume {run_dir}` or pick a new --run-dir")
-    _check_metrics(config)
+    check_metrics(config)
     init = None
     if config.init is not None:
-        config, init = _load_init(config)
+        config, init = load_init(config)
     return _Trainer(resolve_config(config, init), resume=False, init=init).run()
 
 
@@ -256,20 +100,18 @@ def resume(run_dir: str | Path, steps: int | None = None) -> Path:
                                "was stopped before it started: start it again with the same command")
     config = TrainConfig.load(run_dir / "config.json")
     config = config.replace(run_dir=str(run_dir), steps=steps or config.steps)
-    _check_metrics(config)
+    check_metrics(config)
     if latest_checkpoint(run_dir / "checkpoints") is not None:
         return _Trainer(resolve_config(config), resume=True).run()
     init = None
     if config.init is not None:
-        config, init = _load_init(config)
+        config, init = load_init(config)
     return _Trainer(resolve_config(config, init), resume=False, init=init).run()
 
-
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool, init: dict[str, nn.Module] | None = None):
-        from stylenat.data import open_dataset
-        from stylenat.models import DiscriminatorConfig, GeneratorConfig, build_discriminator, build_generator
+    """One run from a resolved config: set up in ``__init__``, then :meth:`run`."""
 
+    def __init__(self, cfg: TrainConfig, resume: bool, init: dict[str, nn.Module] | None = None):
         self.cfg = cfg
         self.info = dist.init_distributed(cfg.device)
         self.device = self.info.device
@@ -281,67 +123,35 @@ class _Trainer:
         check_deterministic_support(cfg, self.device)  # before anything is written, not hours into the run
         self._deterministic_before = torch.are_deterministic_algorithms_enabled()
         if cfg.deterministic:
-            _use_deterministic_kernels(self.device)
+            use_deterministic_kernels(self.device)
         self.g_cfg = GeneratorConfig.from_dict(cfg.generator)
-        self.d_cfg = DiscriminatorConfig.from_dict(cfg.discriminator)
         self.cond = self.g_cfg.num_classes > 0
         # A bad path fails before any file is written; a conditional run reads (image, label) pairs.
         self.dataset = open_dataset(cfg.data, self.g_cfg.resolution, xflip=cfg.xflip, labels=self.cond)
-
-        # Every rank builds the same initial weights from the seed; rank 0's are broadcast anyway
-        # so that no backend nondeterminism in initialization can make ranks differ.
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
-        self.G = build_generator(self.g_cfg)
-        self.D = build_discriminator(self.d_cfg)
-        self.G_ema = copy.deepcopy(self.G)
-        if init is not None:  # fine-tuning: every module the model has; a missing D stays fresh
-            self.G.load_state_dict(init.get("g", init["g_ema"]).state_dict())
-            self.G_ema.load_state_dict(init["g_ema"].state_dict())
-            if "d" in init:
-                self.D.load_state_dict(init["d"].state_dict())
-        self.G, self.D, self.G_ema = self.G.to(self.device).train(), self.D.to(self.device).train(), self.G_ema.to(self.device).eval()
-        dist.broadcast_module(self.G)
-        dist.broadcast_module(self.D)
-        dist.broadcast_module(self.G_ema)
-        requires_grad(self.G_ema, False)
-        # FreezeD: the first blocks from the input side keep their weights; in eval mode their
-        # spectral-norm vectors stay put too, so they are bitwise unchanged.
-        frozen = self.D.input_blocks(cfg.freeze_d)
-        frozen_ids = {id(p) for m in frozen for p in m.parameters()}
-        self.d_params = [p for p in self.D.parameters() if id(p) not in frozen_ids]
-        for m in frozen:
-            m.eval()
-            requires_grad(m, False)
-        self.g_opt = make_adam(self.G.parameters(), cfg.g_lr, cfg.betas)
-        self.d_opt = make_adam(self.d_params, cfg.d_lr, cfg.betas, cfg.r1_interval)
-        # Latents and augmentations differ per rank (each rank is its own slice of the batch).
-        rank_seed = cfg.seed * 1_000_003 + self.info.rank
-        self.gen = torch.Generator().manual_seed(rank_seed)
+        self.nets = build_networks(cfg, self.device, init)
+        self.G, self.D, self.G_ema = self.nets.G, self.nets.D, self.nets.G_ema
+        self.g_opt, self.d_opt, self.d_params = self.nets.g_opt, self.nets.d_opt, self.nets.d_params
         self.state = TrainingState(world=self.info.world)
+        self.skipped = 0  # steps skipped for a non-finite loss (on_nonfinite = "skip")
         self.pipe = self.ada = None
         if cfg.aug == "ada":
-            from stylenat.train.ada import AdaController, AugmentPipe
-
             self.pipe = AugmentPipe(cfg.aug_pipe, self.g_cfg.image_mean, self.g_cfg.image_std)
             if cfg.aug_p is None:
                 self.ada = AdaController(0.0, cfg.ada_target, cfg.ada_interval, cfg.ada_kimg)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
+        self.loss = RecipeLoss(self.G, self.D, cfg, self._augment, self.autocast)
 
         self.log = RunLog(self.run_dir, self.info.is_main)
         # Loaded up front so that missing Inception weights stop the run before any training.
         self.inception = None
-        if self.info.is_main and cfg.metrics:
-            from stylenat.metrics.registry import load_inception_for, needs_inception
-
-            if needs_inception(list(cfg.metrics)):
-                self.inception = load_inception_for(list(cfg.metrics), cfg.inception, self.device)
+        if self.info.is_main and cfg.metrics and needs_inception(list(cfg.metrics)):
+            self.inception = load_inception_for(list(cfg.metrics), cfg.inception, self.device)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             path = latest_checkpoint(self.ckpt_root)
-            self.state = load_training_checkpoint(path, self._modules(), self._optimizers(), self.info.rank,
-                                                  self.info.world, self.gen, self.device)
+            self.state = load_training_checkpoint(path, self.nets.modules(), self.nets.optimizers(), self.info.rank,
+                                                  self.info.world, self.device)
             if self.ada is not None:
                 self.ada.load_state_dict(self.state.components["ada"])
         self.log.repair(self.state.step)  # torn lines, and records newer than the checkpoint: before any new line
@@ -355,59 +165,63 @@ class _Trainer:
         if self.info.is_main:
             cfg.save(self.run_dir / "config.json")
 
-        self.stream = ShardedStream(len(self.dataset), cfg.seed, self.info.rank, self.info.world, self.state.consumed_per_rank)
+        stream = ShardedStream(len(self.dataset), cfg.seed, self.info.rank, self.info.world, self.state.consumed_per_rank,
+                               cfg.batch, cfg.accum)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=cfg.batch, sampler=self.stream, num_workers=cfg.workers,
+            self.dataset, batch_size=cfg.batch, sampler=stream, num_workers=cfg.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=cfg.workers > 0,
             worker_init_fn=ignore_stop_signals if cfg.workers > 0 else None,
             # Its own generator for worker seeds, so the global torch RNG (saved in checkpoints) is left alone.
-            generator=torch.Generator().manual_seed(rank_seed),
+            generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.info.rank),
         )
         self.batches = iter(loader)
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
-        )
-
-    def _modules(self) -> dict[str, nn.Module]:
-        return {"g": self.G, "g_ema": self.G_ema, "d": self.D}
-
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"g_opt": self.g_opt, "d_opt": self.d_opt}
 
     # ---- one step ------------------------------------------------------------------------------
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        """What D sees of an image: the configured augmentation, drawn from the run's generator."""
+    def _augment(self, x: torch.Tensor, draws) -> torch.Tensor:
+        """What D sees of an image: the configured augmentation."""
         if self.pipe is not None:
-            return self.pipe(x, self.ada.p if self.ada is not None else self.cfg.aug_p, self.gen)
+            return self.pipe(x, self.ada.p if self.ada is not None else self.cfg.aug_p, draws)
         if self.cfg.aug == "diffaug":
-            return diffaugment(x, self.gen)
+            return diffaugment(x, draws)
         return x
 
-    def _d(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        return self.D(self._augment(x), c)
-
     def _reals(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A batch of real images in model space, and their class indices (None when unconditional)."""
-        from stylenat.models import uint8_to_model
-
+        """A micro-batch of real images in model space, and their class indices (None when unconditional)."""
         self.state.consumed_per_rank += self.cfg.batch
         batch = next(self.batches)
         images, labels = batch if self.cond else (batch, None)
         labels = labels.to(self.device, non_blocking=True) if labels is not None else None
         return uint8_to_model(images.to(self.device, non_blocking=True), self.g_cfg), labels
 
-    def _latents(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Latents of a batch of fakes, and their class indices drawn from the data's label distribution."""
-        z = _to_device(torch.randn(self.cfg.batch, self.g_cfg.style_dim, generator=self.gen), self.device)
+    def _latents(self, draws: StepDraws) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents of a micro-batch of fakes, and their classes drawn in the data's label proportions."""
+        z = _to_device(draws.scope("z").randn((self.cfg.batch, self.g_cfg.style_dim)), self.device)
         if not self.cond:
             return z, None
-        pick = torch.randint(len(self.dataset.labels), (self.cfg.batch,), generator=self.gen)
+        pick = draws.scope("c").randint(0, len(self.dataset.labels), (self.cfg.batch,))
         return z, _to_device(self.dataset.labels[pick], self.device)
 
-    def _fakes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        z, c = self._latents()
-        return self.G(z, c=c), c
+    def _accumulate(self, phase: str, micro) -> list:
+        """``micro(k, draws)`` for every micro-batch k of the step's ``phase``, in order.
+
+        Forward passes in training mode move buffers (G's tracked w_avg, D's spectral-norm vectors):
+        every micro-batch starts from the phase's buffers and they end as their mean over the
+        micro-batches, as one batch of all of them would leave them (and as ranks are averaged).
+        """
+        cfg, info = self.cfg, self.info
+        draws = [StepDraws.for_micro_batch(cfg.seed, (self.state.step, phase), cfg.batch, k, cfg.accum, info.rank, info.world)
+                 for k in range(cfg.accum)]
+        if cfg.accum == 1:
+            return [micro(0, draws[0])]
+        buffers = [b for m in (self.G, self.D) for b in m.buffers() if b.is_floating_point()]
+        start, total, out = [b.clone() for b in buffers], [torch.zeros_like(b) for b in buffers], []
+        for k in range(cfg.accum):
+            torch._foreach_copy_(buffers, start)
+            out.append(micro(k, draws[k]))
+            torch._foreach_add_(total, buffers)
+        torch._foreach_copy_(buffers, torch._foreach_div(total, cfg.accum))
+        return out
 
     def _finish(self, opt: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor, what: str, clip: float | None = None) -> torch.Tensor:
         """Average gradients over ranks, clip, and step unless something is not finite (on any rank)."""
@@ -427,65 +241,64 @@ class _Trainer:
         self.skipped += 1
         return norm
 
-    def _d_step(self) -> tuple[list[torch.Tensor], dict]:
-        cfg, accum = self.cfg, self.cfg.accum
+    def _d_step(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor | None]], dict]:
+        """The logistic D loss with bCR on this step's reals (returned for R1) and fresh fakes."""
+        gain = 1 / self.cfg.accum
         requires_grad(self.G, False)
         requires_grad(self.d_params, True)
         self.d_opt.zero_grad(set_to_none=True)
-        reals, total, bcr_total, signs = [], 0.0, 0.0, 0.0
-        for _ in range(accum):
-            real, real_c = self._reals()
-            reals.append((real, real_c))
-            with self.autocast:
-                # G is frozen here and its images are only D's inputs (bCR on fakes needs gradients
-                # w.r.t. D alone): no autograd state, and one grad mode less for compiled attention.
-                with torch.no_grad():
-                    fake, fake_c = self._fakes()
-                real_logits, fake_logits = self._d(real, real_c), self._d(fake, fake_c)
-                loss = d_logistic_loss(real_logits, fake_logits)
-                bcr = real_logits.new_zeros(())
-                if cfg.bcr_real:
-                    aug = bcr_augment(real, self.gen, cfg.bcr_translation, cfg.bcr_cutout)
-                    bcr = bcr + cfg.bcr_real * consistency_loss(self._d(aug, real_c), real_logits)
-                if cfg.bcr_fake:
-                    aug = bcr_augment(fake, self.gen, cfg.bcr_translation, cfg.bcr_cutout)
-                    bcr = bcr + cfg.bcr_fake * consistency_loss(self._d(aug, fake_c), fake_logits)
+        reals = [self._reals() for _ in range(self.cfg.accum)]
+
+        def micro(k, draws):
+            terms = self.loss.d_micro(*reals[k], *self._latents(draws), draws, gain)
             if self.ada is not None:
-                self.ada.accumulate(real_logits)
-            signs = signs + real_logits.detach().sign().float().mean() / accum
-            ((loss + bcr) / accum).backward()
-            total, bcr_total = total + loss.detach() / accum, bcr_total + bcr.detach() / accum
-        norm = self._finish(self.d_opt, self.D, total + bcr_total, "D loss", cfg.d_clip)
+                self.ada.accumulate(terms["real_logits"])
+            return terms
+
+        terms = self._accumulate("d", micro)
+        d_loss, bcr = _mean(t["d_loss"] for t in terms), _mean(t["bcr"] for t in terms)
+        norm = self._finish(self.d_opt, self.D, d_loss + bcr, "D loss", self.cfg.d_clip)
         # r_t = E[sign(D(real))], ADA's overfitting heuristic, logged for every run: over every micro-batch
         # of the step (equal sizes), the logits ADA's controller accumulates.
-        stats = {"d_loss": total, "bcr": bcr_total, "d_grad_norm": norm, "r_t": signs,
-                 "real_logits": real_logits.detach().float().mean(), "fake_logits": fake_logits.detach().float().mean()}
-        return reals, stats
+        return reals, {"d_loss": d_loss, "bcr": bcr, "d_grad_norm": norm,
+                       "r_t": _mean(t["real_logits"].sign().float().mean() for t in terms),
+                       "real_logits": _mean(t["real_logits"].float().mean() for t in terms),
+                       "fake_logits": _mean(t["fake_logits"].float().mean() for t in terms)}
 
     def _r1_step(self, reals: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-        cfg = self.cfg
+        """Lazy R1 on the D step's reals, its own optimizer step."""
         self.d_opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for real, c in reals:
-            r1 = r1_penalty(lambda x: self._d(x, c), real)  # fp32: the double backward is where bf16 would hurt most
-            (cfg.r1_gamma / 2 * r1 * cfg.r1_interval / len(reals)).backward()
-            total = total + r1.detach() / len(reals)
-        self._finish(self.d_opt, self.D, total, "R1")
-        return total
+        gain = 1 / len(reals)
+        r1 = _mean(self._accumulate("r1", lambda k, draws: self.loss.r1_micro(*reals[k], draws, gain)))
+        self._finish(self.d_opt, self.D, r1, "R1")
+        return r1
 
-    def _g_step(self) -> torch.Tensor:
-        accum = self.cfg.accum
+    def _g_step(self) -> dict:
+        """The non-saturating G loss through a frozen D."""
+        gain = 1 / self.cfg.accum
         requires_grad(self.G, True)
         requires_grad(self.d_params, False)
         self.g_opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(accum):
-            with self.autocast:
-                loss = g_nonsaturating_loss(self._d(*self._fakes()))
-            (loss / accum).backward()
-            total = total + loss.detach() / accum
-        self._finish(self.g_opt, self.G, total, "G loss")
-        return total
+        loss = _mean(self._accumulate("g", lambda k, draws: self.loss.g_micro(*self._latents(draws), draws, gain)))
+        return {"g_loss": loss, "g_grad_norm": self._finish(self.g_opt, self.G, loss, "G loss")}
+
+    def step(self) -> dict:
+        """One training step at the current lr factor; returns its statistics (device tensors)."""
+        cfg, state = self.cfg, self.state
+        reals, stats = self._d_step()
+        if state.step % cfg.r1_interval == 0 and cfg.r1_gamma > 0:
+            stats["r1"] = self._r1_step(reals)
+        stats.update(self._g_step())
+        dist.average_buffers(self.G)
+        dist.average_buffers(self.D)
+        update_ema(self.G_ema, self.G, ema_beta(cfg.ema_half_life))
+        state.step += 1
+        state.images += cfg.batch * cfg.accum * self.info.world
+        if self.pipe is not None:
+            stats["aug_p"] = self.ada.p if self.ada is not None else cfg.aug_p
+        if self.ada is not None:
+            self.ada.maybe_update(state.step, cfg.batch * cfg.accum * self.info.world, reduce=dist.sum_)
+        return stats
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -505,8 +318,6 @@ class _Trainer:
 
     def _loop(self, stop: GracefulStop) -> None:
         cfg, state = self.cfg, self.state
-        beta = ema_beta(cfg.ema_half_life)
-        self.skipped = 0
         model = f"preset {cfg.preset}" if cfg.preset is not None else f"model from {cfg.init}"
         self.log.line(f"{'resuming at' if state.step else 'starting'} step {state.step} of {cfg.steps}: {model}, "
                       f"{len(self.dataset)} images ({cfg.data}), batch {cfg.batch} x accum {cfg.accum} x {self.info.world} "
@@ -527,19 +338,7 @@ class _Trainer:
             factor = lr_factor(state.step, cfg.lr_decay_start, cfg.steps)
             set_lr_factor(self.d_opt, factor)
             set_lr_factor(self.g_opt, factor)
-            reals, stats = self._d_step()
-            if state.step % cfg.r1_interval == 0 and cfg.r1_gamma > 0:
-                stats["r1"] = self._r1_step(reals)
-            stats["g_loss"] = self._g_step()
-            dist.average_buffers(self.G)
-            dist.average_buffers(self.D)
-            update_ema(self.G_ema, self.G, beta)
-            state.step += 1
-            state.images += cfg.batch * cfg.accum * self.info.world
-            if self.pipe is not None:
-                stats["aug_p"] = self.ada.p if self.ada is not None else cfg.aug_p
-            if self.ada is not None:
-                self.ada.maybe_update(state.step, cfg.batch * cfg.accum * self.info.world, reduce=dist.sum_)
+            stats = self.step()
             window.append(stats)
 
             if state.step % cfg.tick_every == 0 or state.step == cfg.steps:
@@ -568,10 +367,11 @@ class _Trainer:
         dist.barrier()
 
     def _tick(self, window: list[dict], sec_per_step: float, factor: float) -> None:
+        # Every rank's statistics of its own images, averaged: the numbers of the whole batch.
+        means = dist.mean_over_ranks(_window_means(window), self.device)
         if not self.info.is_main:
             return
         step, images = self.state.step, self.state.images
-        means = _window_means(window)
         img_s = self.cfg.batch * self.cfg.accum * self.info.world / sec_per_step
         record = {"step": step, "kimg": images / 1000, **means,
                   "lr_d": self.d_opt.param_groups[0]["lr"], "lr_g": self.g_opt.param_groups[0]["lr"], "lr_factor": factor,
@@ -589,8 +389,6 @@ class _Trainer:
     def _write_reals(self) -> None:
         if not self.info.is_main:
             return
-        from stylenat.data import save_image_grid
-
         rows, cols = self.cfg.grid
         if not self.cond:
             n = min(rows * cols, len(self.dataset))
@@ -616,8 +414,6 @@ class _Trainer:
         if not self.info.is_main:
             return
         from stylenat.data import save_image_grid
-        from stylenat.models import model_to_uint8, seeds_to_z
-
         rows, cols = self.cfg.grid
         rows = len(self._grid_classes()) if self.cond else rows
         z = seeds_to_z(range(rows * cols), self.g_cfg.style_dim)
@@ -640,8 +436,6 @@ class _Trainer:
     def _metrics(self) -> None:
         """Metrics of g_ema on rank 0; they draw from their own seeded generators, not the run's."""
         if self.info.is_main:
-            from stylenat.metrics.registry import calc_metric
-
             results = {}
             for name in self.cfg.metrics:
                 results.update(calc_metric(name, self.G_ema, self.cfg.data, extractor=self.inception, batch=self.cfg.batch))
@@ -651,11 +445,11 @@ class _Trainer:
 
     def _save(self) -> Path | None:
         """Write a checkpoint of this step (collective: every rank's random state and weight digest)."""
-        modules = self._modules()
+        modules = self.nets.modules()
         if self.cond:  # the class means truncation moves toward, stored with the model (every rank: same weights)
             self.G.compute_class_w_avg()
             self.G_ema.compute_class_w_avg()
-        gathered = dist.gather_objects((capture_rng(self.gen, self.device), weights_digest(modules)))
+        gathered = dist.gather_objects((capture_rng(self.device), weights_digest(modules)))
         path, error = None, None
         if self.info.is_main:
             rng, digests = [r for r, _ in gathered], [d for _, d in gathered]
@@ -668,7 +462,7 @@ class _Trainer:
                 if self.ada is not None:
                     self.state.components["ada"] = self.ada.state_dict()
                 try:
-                    path = save_training_checkpoint(self.ckpt_root, self.state, modules, self._optimizers(), rng, digests,
+                    path = save_training_checkpoint(self.ckpt_root, self.state, modules, self.nets.optimizers(), rng, digests,
                                                     self.cfg.to_dict(), self.cfg.keep)
                 except UserError as exc:
                     error = exc
@@ -684,36 +478,6 @@ class _Trainer:
         return path
 
 
-def check_deterministic_support(cfg: TrainConfig, device: str | torch.device) -> None:
-    """ConfigError when ``cfg.deterministic`` asks ``device`` for a kernel torch does not have deterministically.
-
-    The one case: ADA's geometric transforms (``aug_pipe`` with 'g') resample with ``F.grid_sample``,
-    whose CUDA backward is nondeterministic only, so ``torch.use_deterministic_algorithms`` would make
-    the first step that draws one raise, possibly hours into the run. Checked with the device the run
-    will use (a string such as "cuda:0" works too, so it is testable without one).
-    """
-    from stylenat.train.ada import resamples
-
-    device = torch.device(device)
-    if not (cfg.deterministic and device.type == "cuda" and cfg.aug == "ada" and cfg.aug_p != 0):
-        return
-    if resamples(cfg.aug_pipe):
-        raise ConfigError(f"--deterministic with --aug ada on {device}: ADA's geometric transforms (aug_pipe "
-                          f"'{cfg.aug_pipe}' has 'g') resample with F.grid_sample, whose backward has no deterministic "
-                          "CUDA kernel, so training would fail at the first augmented step; drop --deterministic, or "
-                          f"use transforms without geometry (--set aug_pipe={cfg.aug_pipe.replace('g', '') or 'b'})")
-
-
-def _use_deterministic_kernels(device: torch.device) -> None:
-    """Ask torch for deterministic kernels (an op without one then raises instead of varying)."""
-    if device.type == "cuda":
-        # cuBLAS reads this when its handle is created, i.e. before the first matrix product.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True)
-
-
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A fresh CPU tensor on ``device``, without a host synchronization on CUDA.
 
@@ -724,6 +488,12 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def _mean(values) -> torch.Tensor:
+    """The mean of equal-weight values (micro-batches): the value itself for one."""
+    values = list(values)
+    return values[0] if len(values) == 1 else torch.stack(values).mean()
 
 
 def _window_means(window: list[dict]) -> dict[str, float]:
