@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,20 @@ def test_raw_folder_and_zip(raw_folder, tmp_path, expected):
     check_items(open_dataset(raw_folder, S), expected)
     archive = shutil.make_archive(str(tmp_path / "raw"), "zip", raw_folder)
     check_items(open_dataset(archive, S), expected)
+
+
+def test_raw_zip_skips_entries_escaping_the_archive_with_a_warning(raw_folder, tmp_path, expected):
+    archive = Path(shutil.make_archive(str(tmp_path / "raw"), "zip", raw_folder))
+    with zipfile.ZipFile(archive, "a") as zf:
+        for name in ("../x.png", "/abs.png", "a/../../y.png"):
+            zf.writestr(name, (raw_folder / "img1.png").read_bytes())
+    with pytest.warns(UserWarning, match=r"ignoring 3 entries with an unsafe path in archive .*: "
+                                         r"\.\./x\.png, /abs\.png, a/\.\./\.\./y\.png$"):
+        ds = open_dataset(archive, S)
+    check_items(ds, expected)
+    # A folder's file names are its own: one named like a drive is data, not an escape.
+    (raw_folder / "C:img3.png").write_bytes((raw_folder / "img1.png").read_bytes())
+    assert len(open_dataset(raw_folder, S)) == 4
 
 
 def test_raw_folder_warns_about_non_images_and_skips_corrupt_files(raw_folder, expected):

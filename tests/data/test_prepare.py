@@ -97,6 +97,59 @@ def test_zip_in_zip_out_matches_folder_in_folder_out(mixed_folder, tmp_path):
     assert read_meta(tmp_path / "b.zip")["content_sha1"] == read_meta(tmp_path / "a")["content_sha1"]
 
 
+UNSAFE = ["../x.png", "/abs.png", "a/../../y.png", "C:/drive.png", "a\\..\\..\\w.png"]
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def zip_slip(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A zip of two good S x S images and the same kind of image under names escaping the archive."""
+    good = {"good1.png": noise(S, S), "sub/good2.png": noise(S, S)}
+    archive = tmp_path / "work" / "slip.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in [*good, *UNSAFE]:  # writestr keeps a name as given (ZipFile.write would clean it)
+            zf.writestr(name, png(good[name] if name in good else noise(S, S)))
+    return archive, good
+
+
+@pytest.mark.parametrize("dst_name", ["out", "out.zip"])
+def test_zip_entries_escaping_the_archive_are_skipped_and_reported(zip_slip, tmp_path, dst_name, capsys):
+    archive, good = zip_slip
+    dst = tmp_path / "work" / "deep" / dst_name
+    report = prepare_dataset(archive, dst, S, progress=False)
+    assert report.count == 2
+    for i, name in enumerate(sorted(good)):
+        np.testing.assert_array_equal(read_output(dst, i), good[name])  # S x S: stored unchanged
+    unsafe = sorted(UNSAFE)
+    assert report.skipped == [(n, "unsafe path in archive (absolute, drive letter or '..')") for n in unsafe]
+    meta = read_meta(dst)
+    assert meta["sources"] == sorted(good) and [s["file"] for s in meta["skipped"]] == unsafe
+    assert "2 written, 5 skipped" in report.summary()
+    # Nothing was written beside the destination, above it or at the absolute path.
+    written = [f"deep/{dst_name}"] if dst.suffix == ".zip" else [f"deep/out/{n}" for n in ("00000000.png", "00000001.png",
+                                                                                            "dataset.json")]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == \
+        sorted(f"work/{n}" for n in ["slip.zip", *written])
+    assert not Path("/abs.png").exists()
+    assert main(["prepare", str(archive), str(tmp_path / "cli"), "--size", str(S)]) == 0
+    assert "2 written, 5 skipped" in capsys.readouterr().out
+
+
+def test_a_zip_of_nothing_but_escaping_entries_says_so(tmp_path):
+    archive = tmp_path / "slip.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../x.png", png(noise(S, S)))
+    with pytest.raises(ValueError, match=r"no images found .*\.\./x\.png: unsafe path in archive"):
+        prepare_dataset(archive, tmp_path / "out", S, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slip.zip"]
+
+
 @pytest.mark.parametrize("name, resample", [("lanczos", Image.Resampling.LANCZOS), ("box", Image.Resampling.BOX),
                                             ("bicubic", Image.Resampling.BICUBIC)])
 def test_filters_match_pillow_and_differ(tmp_path, name, resample, pillow_center_resize):
@@ -189,3 +242,20 @@ def test_cli_prepare(mixed_folder, tmp_path, capsys):
     assert read_meta(tmp_path / "out.zip")["filter"] == "box"
     assert main(["prepare", str(tmp_path / "missing"), str(tmp_path / "x"), "--size", "8"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_zip_entries_under_dot_slash_are_images_and_keep_their_class_folders(tmp_path):
+    """`zip -r data.zip .` names entries "./cat/a.png": "." is the archive's own folder, not a hidden
+    name (such entries were once dropped silently) nor a class."""
+    pixels = [np.full((16, 16, 3), v, np.uint8) for v in (40, 200)]
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as z:
+        for name, image in (("./cat/a.png", pixels[0]), ("./dog/./b.png", pixels[1])):
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, "PNG")
+            z.writestr(name, buf.getvalue())
+    report = prepare_dataset(tmp_path / "data.zip", tmp_path / "out", 16, labels="folders", progress=False)
+    assert not report.skipped
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["classes"] == ["cat", "dog"]
+    written = sorted(p for p in (tmp_path / "out").iterdir() if p.suffix == ".png")
+    assert [np.asarray(Image.open(p)).mean() for p in written] == [40, 200]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from stylenat.cli import main
 from stylenat.errors import ConfigError
 from stylenat.metrics.distances import frechet_distance
 from stylenat.metrics.precision_recall import precision_recall
-from stylenat.metrics.registry import MetricSpec, measure, parse_metric
+from stylenat.metrics.registry import KINDS, METRICS, MetricSpec, measure, needs_inception, parse_metric
 from stylenat.metrics.swd import swd_from_images
 from tests.metrics.conftest import channel_moments_np as channel_moments
 
@@ -28,8 +29,17 @@ def test_names(name, spec):
 
 @pytest.mark.parametrize("bad", ["fid1m", "is50k", "fid0", "swd-2k", ""])
 def test_unknown_names_are_clear_errors(bad):
-    with pytest.raises(ConfigError, match="unknown metric"):
+    with pytest.raises(ConfigError, match="unknown metric") as caught:
         parse_metric(bad)
+    message = str(caught.value)
+    assert "\n" not in message and "use fid, kid, pr or swd, optionally with an image count" in message
+
+
+def test_every_kind_is_parsed_with_its_declared_default_and_weights_need():
+    assert set(KINDS) == {"fid", "kid", "pr", "swd"} and all(parse_metric(n).kind in KINDS for n in METRICS)
+    for name, kind in KINDS.items():
+        assert parse_metric(name).images == kind.images and parse_metric(f"{name}3k").images == 3000
+        assert needs_inception([name]) == kind.inception == (name != "swd")
 
 
 @pytest.fixture
@@ -57,6 +67,12 @@ def test_measure_every_kind_equals_a_direct_computation(tmp_path, image_writer, 
     assert values["swd_16"] == pytest.approx(swd["swd_16"], rel=1e-6)
     assert values["kid_std"] >= 0 and values["num_fake_fid"] == 12 and values["num_real_fid"] == 10
     assert stand_in_inception.images == 12 + 10  # one pass over each set, shared by fid, kid and pr
+    # Every key is a name followed by a suffix its kind declares, and every declared suffix is there.
+    patterns = {(name, suffix): re.escape(name) + re.escape(suffix).replace("<res>", r"\d+")
+                for name, kind in KINDS.items() for suffix in kind.keys}
+    keys = [k for k in values if not k.startswith("num_")]
+    assert all(any(re.fullmatch(p, k) for p in patterns.values()) for k in keys)
+    assert all(any(re.fullmatch(p, k) for k in keys) for p in patterns.values())
 
 
 def test_cli_metrics_prints_one_line_each_and_writes_json(tmp_path, image_writer, capsys):

@@ -21,9 +21,9 @@ from PIL import Image
 
 from stylenat.data.demo import DEMO_SIZE, DEMO_VERSION, draw_face
 from stylenat.data.images import decode_image, is_image_name, pil_to_tensor, square_resize
-from stylenat.data.labels import STYLEGAN_JSON, read_labels
+from stylenat.data.labels import STYLEGAN_JSON, listed, read_labels
 from stylenat.data.prepare import output_name, prepared_meta
-from stylenat.data.sources import FileSource
+from stylenat.data.sources import UNSAFE_REASON, FileSource
 from stylenat.errors import ConfigError, DataError
 
 
@@ -100,15 +100,19 @@ class PreparedDataset(ImageDataset):
 class RawDataset(ImageDataset):
     """Image files of a plain folder or zip, centre-cropped and Lanczos-resized as they are read.
 
-    source: the files (those without an image extension are ignored, with one warning listing
-    them; StyleGAN's dataset.json in the root labels them); resolution: output side; xflip: add
-    mirrored copies. A file that fails to decode is warned about once and replaced by the next
-    good image (of the same class), so an epoch never stops half-way.
+    source: the files (those without an image extension, and zip entries whose names point outside
+    the archive, are ignored with a warning listing them; StyleGAN's dataset.json in the root
+    labels them); resolution: output side; xflip: add mirrored copies. A file that fails to decode
+    is warned about once and replaced by the next good image (of the same class), so an epoch
+    never stops half-way.
     """
 
     def __init__(self, source: FileSource, resolution: int, xflip: bool = False):
         self.files = [n for n in source.names if is_image_name(n)]
         ignored = [n for n in source.names if not is_image_name(n) and n != STYLEGAN_JSON]
+        if source.unsafe:
+            warnings.warn(f"{source.path}: ignoring {listed(source.unsafe, f'entries with an {UNSAFE_REASON}')}",
+                          stacklevel=3)
         if not self.files:
             raise DataError(f"no images found in {source.path}")
         if ignored:

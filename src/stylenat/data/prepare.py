@@ -26,7 +26,7 @@ from PIL import UnidentifiedImageError
 
 from stylenat.data.images import check_resize_options, decode_image, is_image_name, square_resize
 from stylenat.data.labels import Labels, listed, read_dataset_json, read_labels
-from stylenat.data.sources import FileSource
+from stylenat.data.sources import UNSAFE_REASON, FileSource
 from stylenat.errors import ConfigError, DataError
 
 DATASET_FORMAT = "stylenat-dataset"
@@ -187,14 +187,15 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size: int, f
     there is one, "folders" takes one class per first-level folder, "none" ignores labels, anything
     else is a CSV file with the columns path,label; the output stores them with the class names;
     workers: processes decoding in parallel (1 = in this process); progress: print progress to stderr.
-    Files that are not images or fail to decode are skipped and listed in the report.
+    Files that are not images or fail to decode, and zip entries whose names point outside the
+    archive (never extracted: outputs are named by index), are skipped and listed in the report.
     """
     check_resize_options(size, filter, crop)
     source = FileSource(src)
     label_file = Path(labels).resolve() if labels not in (None, "folders", "none") else None
     names = [n for n in source.names if n != DATASET_JSON and
              not (label_file is not None and not source.is_zip and (source.path / n).resolve() == label_file)]
-    if not names:
+    if not names and not source.unsafe:
         raise DataError(f"no files found in {source.path}")
     dst = Path(dst)
     if dst.exists():
@@ -205,7 +206,7 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size: int, f
     dst.parent.mkdir(parents=True, exist_ok=True)
 
     convert = functools.partial(_convert, source, size, filter, crop)
-    report = PrepareReport(dst=dst, size=size, count=0)
+    report = PrepareReport(dst=dst, size=size, count=0, skipped=[(n, UNSAFE_REASON) for n in source.unsafe])
     sources, digest = [], hashlib.sha1()
     ticker = _Progress(len(names), progress)
     writer = _Writer(dst)
@@ -222,7 +223,8 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size: int, f
                     report.count += 1
                 ticker.tick(done, len(report.skipped))
         if report.count == 0:
-            raise DataError(f"no images found in {source.path} ({len(report.skipped)} files could not be read)")
+            raise DataError(f"no images found in {source.path} "
+                            f"({listed([f'{n}: {r}' for n, r in report.skipped], 'files skipped', limit=3)})")
         meta = {
             "format": DATASET_FORMAT, "version": 1, "size": size, "count": report.count,
             "filter": filter, "crop": crop, "source": str(source.path.resolve()),

@@ -2,13 +2,8 @@
 
 A name is a kind with an optional image count, as stylegan2-ada names them: ``fid50k``, ``kid10k``,
 ``swd2k``, ``pr50k`` (``k`` = thousand; ``fid500`` = 500 images), or the bare kind (``fid``) for its
-default count. Kinds:
-
-* ``fid``: Frechet Inception distance (needs the Inception weights file).
-* ``kid``: kernel Inception distance, mean and std over subsets (Inception).
-* ``pr``: improved precision and recall, k = 3 (Kynkaanniemi et al. 2019; Inception features here).
-* ``swd``: multi-scale sliced Wasserstein distance of Laplacian-pyramid patches (Karras et al.
-  2018), x1e3 per level and averaged; needs no weights file.
+default count. Each kind is declared once, in ``KINDS`` (see :class:`MetricKind`): fid, kid, pr
+(on Inception features, which need the weights file) and swd (needs no weights file).
 
 The count is the number of generated images (or of images taken from the first set); the real
 set is used whole for the Inception metrics (its statistics are cached) and up to the same count
@@ -23,44 +18,122 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from stylenat._system import Progress
 from stylenat.errors import ConfigError
 from stylenat.metrics.distances import frechet_distance, kernel_inception_distance
 from stylenat.metrics.features import Extractor, FeatureStats, dataset_features, extract, generated_images, is_image_set
 from stylenat.metrics.inception import load_inception
+from stylenat.metrics.precision_recall import precision_recall
+from stylenat.metrics.swd import SWDCollector, swd_from_collectors
 
-__all__ = ["KINDS", "METRICS", "MetricSpec", "parse_metric", "calc_metric", "measure", "evaluate", "compare", "needs_inception",
-           "load_inception_for"]
+__all__ = ["KINDS", "METRICS", "MetricKind", "MetricSpec", "parse_metric", "calc_metric", "measure", "evaluate", "compare",
+           "needs_inception", "load_inception_for", "describe_kinds"]
 
-# kind -> default number of images
-KINDS = {"fid": 50000, "kid": 50000, "pr": 50000, "swd": 10000}
-_INCEPTION = ("fid", "kid", "pr")
+
+@dataclass(frozen=True)
+class MetricKind:
+    """One kind of metric: everything the rest of this module knows about it.
+
+    name: the prefix of its metric names (``fid`` in ``fid50k``). title: how messages name it.
+    description: what it measures, for help texts. images: the count of a name without one.
+    compare: (fake, real) -> {key suffix: value}, the metric's key being its name plus the suffix
+        ("" for the headline value); fake and real are what the kind gathers from each side.
+    keys: the suffixes compare returns (``<res>`` standing for each pyramid level's side).
+    collector: None for a kind on Inception features (compare gets FeatureStats), else resolution ->
+        a fresh collector with ``.add(uint8 images)`` and ``.num_images`` (compare gets two of them).
+    per_image: an Inception kind that needs every image's features, not only their mean and covariance.
+    examples: its names most used, for help texts.
+    """
+
+    name: str
+    title: str
+    description: str
+    images: int
+    compare: Callable[[Any, Any], dict[str, float]]
+    keys: tuple[str, ...]
+    collector: Callable[[int], Any] | None = None
+    per_image: bool = False
+    examples: tuple[str, ...] = ()
+
+    @property
+    def inception(self) -> bool:
+        """Whether it needs the Inception weights."""
+        return self.collector is None
+
+
+def _fid(fake: FeatureStats, real: FeatureStats) -> dict[str, float]:
+    return {"": frechet_distance(*fake.mean_cov(), *real.mean_cov())}
+
+
+def _kid(fake: FeatureStats, real: FeatureStats, subsets: int = 100, subset_size: int = 1000) -> dict[str, float]:
+    mean, std = kernel_inception_distance(fake.features, real.features, subsets, subset_size)
+    return {"": mean, "_std": std}
+
+
+def _pr(fake: FeatureStats, real: FeatureStats) -> dict[str, float]:
+    pr = precision_recall(real.features, fake.features, k=3)
+    return {"_precision": pr["precision"], "_recall": pr["recall"]}
+
+
+def _swd(fake: SWDCollector, real: SWDCollector) -> dict[str, float]:
+    levels = swd_from_collectors(fake, real)
+    return {"": levels.pop("swd_avg"), **{f"_{key.removeprefix('swd_')}": value for key, value in levels.items()}}
+
+
+KINDS = {kind.name: kind for kind in (
+    MetricKind("fid", "FID", "Frechet Inception distance", 50000, _fid, ("",), examples=("fid50k", "fid10k")),
+    MetricKind("kid", "KID", "kernel Inception distance, mean and std over 100 subsets of 1000", 50000, _kid,
+               ("", "_std"), per_image=True, examples=("kid50k", "kid10k")),
+    MetricKind("pr", "precision/recall (pr)", "improved precision and recall, k = 3 (Kynkaanniemi et al. 2019), on "
+               "Inception features", 50000, _pr, ("_precision", "_recall"), per_image=True, examples=("pr50k",)),
+    MetricKind("swd", "SWD", "multi-scale sliced Wasserstein distance of Laplacian-pyramid patches (Karras et al. "
+               "2018), x1e3 per level and averaged", 10000, _swd, ("", "_<res>"), collector=SWDCollector,
+               examples=("swd10k", "swd2k")),
+)}
 # The names most used, for help texts; any name of the grammar above is accepted.
-METRICS = ("fid50k", "fid10k", "kid50k", "kid10k", "pr50k", "swd10k", "swd2k")
+METRICS = tuple(name for kind in KINDS.values() for name in kind.examples)
+_NAME = re.compile(f"({'|'.join(map(re.escape, KINDS))})(?:(\\d+)(k?))?")
+
+
+def _either(words: list[str]) -> str:
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
+
+
+def describe_kinds() -> str:
+    """One sentence per kind, for help texts: what it measures, its default count, whether it needs the weights."""
+    return " ".join(f"{k.name}: {k.description} ({k.images} images by default"
+                    f"{'; needs the Inception weights' if k.inception else ''})." for k in KINDS.values())
 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """name: as given. kind: fid, kid, pr or swd. num: images (None: the kind's default)."""
+    """name: as given. kind: a key of KINDS. num: images (None: the kind's default)."""
 
     name: str
     kind: str
     num: int | None = None
 
     @property
+    def metric_kind(self) -> MetricKind:
+        return KINDS[self.kind]
+
+    @property
     def images(self) -> int:
-        return self.num if self.num is not None else KINDS[self.kind]
+        return self.num if self.num is not None else self.metric_kind.images
 
 
 def parse_metric(name: str) -> MetricSpec:
     """The metric a name stands for; ConfigError for a name outside the grammar."""
-    m = re.fullmatch(r"(fid|kid|pr|swd)(?:(\d+)(k?))?", str(name).strip().lower())
+    m = _NAME.fullmatch(str(name).strip().lower())
     if m is None or (m.group(2) is not None and int(m.group(2)) == 0):
-        raise ConfigError(f"unknown metric {name!r}; use fid, kid, pr or swd, optionally with an image count "
+        raise ConfigError(f"unknown metric {name!r}; use {_either(list(KINDS))}, optionally with an image count "
                           f"(e.g. {', '.join(METRICS)})")
     num = None if m.group(2) is None else int(m.group(2)) * (1000 if m.group(3) else 1)
     return MetricSpec(str(name).strip().lower(), m.group(1), num)
@@ -74,10 +147,9 @@ def compare(fake: FeatureStats, real: FeatureStats, kid: bool = False, kid_subse
         fake, real: statistics (with kept features for KID). kid_subsets, kid_subset_size: KID's
             subset draws (see kernel_inception_distance).
     """
-    result = {"fid": frechet_distance(*fake.mean_cov(), *real.mean_cov())}
+    result = {"fid": _fid(fake, real)[""]}
     if kid:
-        result["kid"], result["kid_std"] = kernel_inception_distance(
-            fake.features, real.features, kid_subsets, kid_subset_size)
+        result.update({f"kid{key}": value for key, value in _kid(fake, real, kid_subsets, kid_subset_size).items()})
     return result
 
 
@@ -96,20 +168,8 @@ def _read_at(batches, resolution: int):
 def load_inception_for(names: list[str], path: str | os.PathLike | None = None,
                        device: str | torch.device = "cpu") -> Extractor:
     """The Inception network for metrics ``names``; a missing file's message names those that need it."""
-    kinds = dict.fromkeys(parse_metric(n).kind for n in names if parse_metric(n).kind in _INCEPTION)
-    return load_inception(path, device=device,
-                          needed_by=[{"fid": "FID", "kid": "KID", "pr": "precision/recall (pr)"}[k] for k in kinds])
-
-
-def _swd_collect(batches, resolution: int, total: int, label: str, progress: bool):
-    from stylenat._system import Progress
-    from stylenat.metrics.swd import SWDCollector
-
-    collector, tick = SWDCollector(resolution), Progress(label, total, progress)
-    for images in batches:
-        collector.add(images)
-        tick.update(collector.num_images)
-    return collector
+    kinds = dict.fromkeys(k for k in (parse_metric(n).metric_kind for n in names) if k.inception)
+    return load_inception(path, device=device, needed_by=[k.title for k in kinds])
 
 
 @dataclass
@@ -140,16 +200,28 @@ class _Images:
         return loader, len(chosen)
 
 
+def _collect(kind: MetricKind, side: _Images, count: int, resolution: int, batch: int, workers: int, progress: bool):
+    """The collector of ``kind`` fed up to ``count`` images of ``side``, with a progress tick."""
+    batches, total = side.batches(count, resolution, batch, workers)
+    collector, tick = kind.collector(resolution), Progress(f"{kind.title} of {side.label}", total, progress)
+    for images in batches:
+        collector.add(images)
+        tick.update(collector.num_images)
+    return collector
+
+
 def _compare(specs: list[MetricSpec], fake: _Images, real: _Images, resolution: int, extractor, batch: int,
              workers: int, progress: bool) -> dict[str, float]:
     """Every metric of ``specs`` between two sides (see :func:`measure` for the keys)."""
-    from stylenat.metrics.precision_recall import precision_recall
-    from stylenat.metrics.swd import swd_from_collectors
-
     results: dict[str, float] = {}
-    inception_specs = [s for s in specs if s.kind in _INCEPTION]
+
+    def record(spec: MetricSpec, values: dict[str, float], num_fake: int, num_real: int) -> None:
+        results.update({f"{spec.name}{suffix}": value for suffix, value in values.items()})
+        results[f"num_fake_{spec.name}"], results[f"num_real_{spec.name}"] = num_fake, num_real
+
+    inception_specs = [s for s in specs if s.metric_kind.inception]
     if inception_specs:
-        keep = any(s.kind != "fid" for s in inception_specs)
+        keep = any(s.metric_kind.per_image for s in inception_specs)
         real_stats = dataset_features(real.path, extractor, resolution, None, batch, keep, workers=workers,
                                       progress=progress, indices=real.indices)
         fake_stats = {}  # one pass per image count, shared by the metrics asking for it
@@ -158,24 +230,11 @@ def _compare(specs: list[MetricSpec], fake: _Images, real: _Images, resolution: 
                 batches, count = fake.batches(spec.images, resolution, batch, workers)
                 fake_stats[spec.images] = extract(batches, extractor, count, keep, f"features of {fake.label}", progress)
             stats = fake_stats[spec.images]
-            if spec.kind == "pr":
-                pr = precision_recall(real_stats.features, stats.features, k=3)
-                results[f"{spec.name}_precision"], results[f"{spec.name}_recall"] = pr["precision"], pr["recall"]
-            else:
-                out = compare(stats, real_stats, kid=spec.kind == "kid")
-                results[spec.name] = out[spec.kind]
-                if spec.kind == "kid":
-                    results[f"{spec.name}_std"] = out["kid_std"]
-            results[f"num_fake_{spec.name}"], results[f"num_real_{spec.name}"] = stats.num, real_stats.num
-    for spec in (s for s in specs if s.kind == "swd"):
-        batches, count = real.batches(spec.images, resolution, batch, workers)
-        real_swd = _swd_collect(batches, resolution, count, f"SWD patches of {real.label}", progress)
-        batches, count = fake.batches(spec.images, resolution, batch, workers)
-        fake_swd = _swd_collect(batches, resolution, count, f"SWD patches of {fake.label}", progress)
-        swd = swd_from_collectors(fake_swd, real_swd)
-        results[spec.name] = swd.pop("swd_avg")  # the headline first, then one value per level
-        results.update({f"{spec.name}_{key.removeprefix('swd_')}": value for key, value in swd.items()})
-        results[f"num_fake_{spec.name}"], results[f"num_real_{spec.name}"] = fake_swd.num_images, real_swd.num_images
+            record(spec, spec.metric_kind.compare(stats, real_stats), stats.num, real_stats.num)
+    for spec in (s for s in specs if not s.metric_kind.inception):
+        real_c, fake_c = (_collect(spec.metric_kind, side, spec.images, resolution, batch, workers, progress)
+                          for side in (real, fake))
+        record(spec, spec.metric_kind.compare(fake_c, real_c), fake_c.num_images, real_c.num_images)
     return results
 
 
@@ -201,9 +260,9 @@ def measure(first, real: str | os.PathLike, names: list[str], *, num: int | None
             class and the first set's (a conditional generator's images of that class, or a labelled
             image set's images of that class); classes without images on either side are left out.
             ConfigError for an unconditional model, unlabelled data or classes that differ.
-    Keys: the name (fid, kid mean, swd average), ``<name>_std`` (kid), ``<name>_<res>`` (swd levels),
-    ``<name>_precision`` and ``<name>_recall`` (pr), ``num_real_<name>``/``num_fake_<name>``; per
-    class the same keys followed by ``/<class name>``.
+    Keys: each metric's name followed by each of its kind's ``keys`` (see KINDS: ``fid``, ``kid`` and
+    ``kid_std``, ``pr_precision``, ``swd`` and ``swd_32``, ...), and ``num_real_<name>``/``num_fake_<name>``;
+    per class the same keys followed by ``/<class name>``.
     """
     from stylenat.data import open_dataset
 
@@ -234,7 +293,7 @@ def measure(first, real: str | os.PathLike, names: list[str], *, num: int | None
             raise ConfigError(f"--per-class: {'the first set' if first_is_images else 'the model'} has classes "
                               f"{theirs[:5]}{'...' if len(theirs) > 5 else ''}, the real data {classes[:5]}"
                               f"{'...' if len(classes) > 5 else ''}; they must be the same")
-    if any(s.kind in _INCEPTION for s in specs) and extractor is None:
+    if any(s.metric_kind.inception for s in specs) and extractor is None:
         extractor = load_inception_for(names, inception, device)
     fake = _Images(path=first) if first_is_images else _Images(g=first, label_pool=real_set.labels)
     args = (resolution, extractor, batch, workers, progress)
@@ -271,7 +330,7 @@ def calc_metric(name: str, g: torch.nn.Module, real: str | os.PathLike, extracto
                 batch: int = 32, progress: bool = False) -> dict[str, float]:
     """{key: value} of one metric of generator ``g`` against ``real`` (for the training loop), without
     the image counts; ``extractor`` is the Inception network loaded once by a caller measuring often."""
-    if parse_metric(name).kind in _INCEPTION and extractor is None:
+    if parse_metric(name).metric_kind.inception and extractor is None:
         extractor = load_inception_for([name], device=next(g.parameters()).device)
     values = measure(g, real, [name], extractor=extractor, batch=batch, device=next(g.parameters()).device,
                      progress=progress)
@@ -280,5 +339,5 @@ def calc_metric(name: str, g: torch.nn.Module, real: str | os.PathLike, extracto
 
 def needs_inception(names: list[str]) -> bool:
     """Whether any of the metrics needs the Inception weights."""
-    return any(parse_metric(n).kind in _INCEPTION for n in names)
+    return any(parse_metric(n).metric_kind.inception for n in names)
 
