@@ -413,7 +413,6 @@ class _Trainer:
         """g_ema on fixed latents: image i of the grid uses seed i (``stylenat.models.seeds_to_z``)."""
         if not self.info.is_main:
             return
-        from stylenat.data import save_image_grid
         rows, cols = self.cfg.grid
         rows = len(self._grid_classes()) if self.cond else rows
         z = seeds_to_z(range(rows * cols), self.g_cfg.style_dim)
