@@ -79,3 +79,12 @@ def test_coercions_are_exact():
         TrainConfig(steps=10.5)
     with pytest.raises(ConfigError, match="TrainConfig.xflip must be true or false"):
         TrainConfig(xflip=1)
+
+
+@pytest.mark.parametrize("cls, field", RANGED, ids=[f"{c.__name__}.{f.name}" for c, f in RANGED])
+def test_nan_is_refused_where_a_range_is_set(cls, field):
+    """NaN passes every comparison, so a range alone let `--set d_lr=NaN` through."""
+    values = VALID[cls].to_dict()
+    values[field.name] = [float("nan")] * len(values[field.name]) if isinstance(values[field.name], list) else float("nan")
+    with pytest.raises(ConfigError, match=rf"{cls.__name__}\.{field.name} must be"):
+        cls.from_dict(values)

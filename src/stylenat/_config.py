@@ -9,14 +9,23 @@ one written. Cross-field rules go into the class's ``_check`` method.
 
 Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``dict``, ``Literal[...]``,
 ``tuple[T, ...]``, ``tuple[T1, T2]``, and ``X | None``, nested.
+
+Each field is documented by the string literal just under it; :func:`field_docs` reads those, so
+the command line's help and the docs' tables come from the same text (``stylenat train --help``).
+:func:`parse_text` reads a field's value from command-line text by its annotation.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import functools
+import inspect
 import json
+import math
+import re
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -25,7 +34,7 @@ from typing import Any, Literal
 from stylenat._system import atomic_path
 from stylenat.errors import ConfigError, MissingFileError
 
-__all__ = ["JsonConfig", "param"]
+__all__ = ["JsonConfig", "bounds", "field_docs", "field_types", "param", "parse_text"]
 
 
 def param(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, min=None, max=None, gt=None):
@@ -33,6 +42,99 @@ def param(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, m
     or every number inside a tuple)."""
     meta = {k: v for k, v in (("min", min), ("max", max), ("gt", gt)) if v is not None}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def bounds(metadata) -> str:
+    """A field's range as text, e.g. ">= 0 and <= 1" ("" without one), from :func:`param`'s metadata."""
+    low, high, above = metadata.get("min"), metadata.get("max"), metadata.get("gt")
+    parts = [f">= {low}" if low is not None else "", f"> {above}" if above is not None else "",
+             f"<= {high}" if high is not None else ""]
+    return " and ".join(p for p in parts if p)
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> the first paragraph of the string literal under the field in ``cls``'s source
+    (its docstring), whitespace normalised; "" for a field without one."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's docstring wins over its base's
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split("\n\n")[0].split())
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def field_types(cls) -> dict:
+    """Field name -> its annotation, resolved (``int``, ``tuple[float, float]``, ``str | None``, ...)."""
+    return _hints(cls)
+
+
+NULL_WORDS = ("none", "null")  # what parse_text reads as None for an ``X | None`` field
+
+
+def parse_text(text: str, tp, where: str) -> Any:
+    """``text`` from a command line read as type ``tp``: numbers, ``true``/``false``, a Literal's
+    value, a list separated by commas or spaces for a tuple (``0,0.99``; "" is the empty list),
+    JSON for a dict, and ``none`` or ``null`` for None where ``tp`` allows it. ``where`` names the
+    option in the :class:`ConfigError` raised for text that is none of these (ranges are the
+    config's to check)."""
+    try:
+        return _from_text(text.strip(), tp)
+    except _Mismatch:
+        raise ConfigError(f"{where}: cannot read {text!r}; give {_describe(tp)}") from None
+
+
+def _from_text(text: str, tp) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in NULL_WORDS and type(None) in args:
+            return None
+        for option in args:
+            if option is not type(None):
+                try:
+                    return _from_text(text, option)
+                except _Mismatch:
+                    pass
+        raise _Mismatch
+    if origin is tuple:
+        items = [t for t in re.split(r"[,\s]+", text) if t]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_text(t, args[0]) for t in items)
+        if len(items) != len(args):
+            raise _Mismatch
+        return tuple(_from_text(t, a) for t, a in zip(items, args))
+    if origin is Literal:
+        for option in args:
+            if text == str(option):
+                return option
+        raise _Mismatch
+    try:
+        if tp is bool:
+            return {"true": True, "false": False}[text.lower()]
+        if tp is int:
+            number = float(text.replace("_", ""))  # 1e6 and 1_000_000 too
+            if not number.is_integer():
+                raise _Mismatch
+            return int(text) if re.fullmatch(r"[+-]?[\d_]+", text) else int(number)  # int(): exact beyond 2**53
+        if tp is float:
+            number = float(text)
+            if not math.isfinite(number):  # nan passes every range check
+                raise _Mismatch
+            return number
+        if tp is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise _Mismatch
+            return value
+    except (KeyError, ValueError, OverflowError):
+        raise _Mismatch from None
+    if tp is str:
+        return text
+    raise TypeError(f"unsupported config annotation {tp!r}")
 
 
 def _describe(tp) -> str:
@@ -159,11 +261,11 @@ class JsonConfig:
             except _Mismatch:
                 raise ConfigError(f"{self._where(f.name)} must be {_describe(hints[f.name])}, got {value!r}") from None
             for n in _numbers(value):
+                if n != n:  # NaN passes every range comparison
+                    raise ConfigError(f"{self._where(f.name)} must be a number, got {value!r}")
                 low, high, above = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("gt")
                 if (low is not None and n < low) or (high is not None and n > high) or (above is not None and n <= above):
-                    bounds = [f">= {low}" if low is not None else "", f"> {above}" if above is not None else "",
-                              f"<= {high}" if high is not None else ""]
-                    raise ConfigError(f"{self._where(f.name)} must be {' and '.join(b for b in bounds if b)}, got {value!r}")
+                    raise ConfigError(f"{self._where(f.name)} must be {bounds(f.metadata)}, got {value!r}")
             object.__setattr__(self, f.name, value)
         self._check()
 

@@ -67,51 +67,49 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _assignments(items: list[str], flag: str) -> dict:
-    """KEY=VALUE pairs; VALUE is parsed as JSON when it can be (numbers, lists, null), else kept as text."""
-    import json
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from stylenat.train.flags import add_train_arguments
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"{flag} expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    add_train_arguments(p)
+
+
+class _LazyParser(argparse.ArgumentParser):
+    """A sub-command parser that adds its arguments on first use (``add_arguments(parser)``): the
+    train options come from TrainConfig, whose import brings torch (about a second) that
+    ``stylenat --help``, ``models`` or ``download`` need not wait for."""
+
+    def __init__(self, *args, add_arguments=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_arguments = add_arguments
+
+    def _ready(self) -> None:
+        add, self._add_arguments = self._add_arguments, None
+        if add is not None:
+            add(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._ready()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self):
+        self._ready()
+        return super().format_usage()
+
+    def format_help(self):
+        self._ready()
+        return super().format_help()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from stylenat.models.loading import read_official_meta
-    from stylenat.train import NonFiniteError, TrainingStopped, get_train_preset, resume, train
+    from stylenat.train import NonFiniteError, TrainingStopped, resume, train
+    from stylenat.train.flags import config_from_args, flag_values
     from stylenat.train.signals import STOPPED_EXIT_STATUS
 
     try:
         if args.resume:
-            resume(args.resume, steps=args.steps)
+            resume(args.resume, steps=flag_values(args).get("steps"))
             return 0
-        if not args.run_dir:
-            raise UserError("--run-dir is required (or --resume DIR to continue a run)")
-        if args.meta and not args.init:
-            raise UserError("--meta describes an official checkpoint given with --init; add --init CKPT.pt")
-        flags = {"data": args.data, "run_dir": args.run_dir, "seed": args.seed, "steps": args.steps, "batch": args.batch,
-                 "accum": args.accum, "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every,
-                 "keep": args.keep, "device": args.device, "amp": args.amp, "workers": args.workers,
-                 "tick_every": args.tick_every, "on_nonfinite": args.on_nonfinite, "metrics_every": args.metrics_every,
-                 "inception": args.inception, "metrics": tuple(args.metrics.split(",")) if args.metrics else None,
-                 "checkpoint_minutes": args.checkpoint_minutes, "deterministic": args.deterministic,
-                 "resolution": args.resolution, "init": args.init, "freeze_d": args.freeze_d, "aug": args.aug,
-                 "aug_p": args.aug_p, "init_meta": read_official_meta(args.meta) if args.meta else None,
-                 "cond": None if args.cond is None else args.cond == "true",
-                 "init_preset": args.preset if args.init and not args.meta else None}
-        values = {**_assignments(args.set, "--set"), **{k: v for k, v in flags.items() if v is not None}}
-        values["generator"] = _assignments(args.generator, "--generator")
-        values["discriminator"] = _assignments(args.discriminator, "--discriminator")
-        if args.init and not args.preset:  # the model comes from --init; config.json must not name a preset for it
-            values.setdefault("preset", None)
-        train(get_train_preset(args.preset or "ffhq").replace(**values))
+        train(config_from_args(args))
     except NonFiniteError as exc:
         print(f"stylenat train: stopped: {exc}; the last checkpoint is intact (resume with --resume, "
               f"or pass --on-nonfinite skip)", file=sys.stderr)
@@ -578,7 +576,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stylenat", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_LazyParser)
 
     p = sub.add_parser("info", help="print the version, the device and the usable attention backends")
     p.set_defaults(func=_cmd_info)
@@ -598,50 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("train", help="train a generator (or --resume a run directory)",
-                       description="Train StyleNAT. Unset options come from the preset's TrainConfig; "
-                                   "--set changes any other TrainConfig field.",
+                       description="Train StyleNAT. Unset options come from the preset's TrainConfig; every "
+                                   "option named after a field sets that field (docs/training.md has the table).",
                        epilog="SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 stop the run after the current step with a "
                               "checkpoint and exit status 75 (a second signal stops at once); --resume continues it. "
-                              "Exit status 3: stopped on a non-finite loss; 2: a user error.")
-    p.add_argument("--preset", help="model and training preset: ffhq256, ffhq1024, church256, tiny, or a family sized "
-                                    "by --resolution or the data: ffhq (default), church; with --init it must describe "
-                                    "the model (default: none, the model's own config)")
-    p.add_argument("--resolution", type=int, help="image edge of a family preset (16..1024; default: the data's); "
-                                                  "with --init only the model's own size")
-    p.add_argument("--data", help="dataset folder or zip, or 'demo' for the built-in faces")
-    p.add_argument("--init", metavar="MODEL", help="fine-tune: start G, G_ema and D from a run directory, a model file, a "
-                                                 "registered name (e.g. ffhq256), hf://OWNER/REPO or an official .pt (with "
-                                                 "--preset or --meta); optimizers and counters start fresh")
-    p.add_argument("--meta", metavar="META.json", help="configuration of an official --init checkpoint in official terms")
-    p.add_argument("--freeze-d", type=int, help="FreezeD: keep the first N discriminator blocks (from the input side) fixed "
-                                                "(with --init, from a model that has a discriminator)")
-    p.add_argument("--aug", choices=["none", "ada", "diffaug"], help="augment what D sees: ada (adaptive), diffaug, none (default)")
-    p.add_argument("--aug-p", type=float, help="with --aug ada: a fixed augmentation probability instead of the adaptive one")
-    p.add_argument("--cond", choices=["true", "false"], help="class-conditional training: default when the data has labels; "
-                                                             "false ignores them")
-    p.add_argument("--run-dir", help="output directory: config.json, log.txt, stats.jsonl, image grids, checkpoints/")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (other options ignored but --steps)")
-    p.add_argument("--steps", type=int, help="train until this step (also where the lr decay ends)")
-    p.add_argument("--seed", type=int, help="random seed (weights, data order, latents, augmentation)")
-    p.add_argument("--batch", type=int, help="images per device per micro-batch")
-    p.add_argument("--accum", type=int, help="micro-batches accumulated per optimizer step")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--sample-every", type=int, help="steps between fakes_<step>.png grids")
-    p.add_argument("--tick-every", type=int, help="steps between log lines")
-    p.add_argument("--keep", type=int, help="checkpoints kept")
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=["bf16"], help="bf16 autocast for forward passes")
-    p.add_argument("--workers", type=int, help="data-loading processes per rank")
-    p.add_argument("--on-nonfinite", choices=["stop", "skip"], help="when a loss is NaN/inf: stop (default) or skip the step")
-    p.add_argument("--metrics", help="metrics of g_ema against --data during training, e.g. fid50k, fid10k,kid10k or swd2k")
-    p.add_argument("--metrics-every", type=int, help="steps between metric evaluations")
-    p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth for --metrics")
-    p.add_argument("--checkpoint-minutes", type=float, help="also checkpoint when this many minutes passed since the last one")
-    p.add_argument("--deterministic", action="store_true", default=None,
-                   help="deterministic kernels (needed for bitwise-repeatable runs on CUDA; slower)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any TrainConfig field, e.g. d_lr=1e-3")
-    p.add_argument("--generator", action="append", default=[], metavar="FIELD=VALUE", help="override a GeneratorConfig field (JSON value)")
-    p.add_argument("--discriminator", action="append", default=[], metavar="FIELD=VALUE", help="override a DiscriminatorConfig field (JSON value)")
+                              "Exit status 3: stopped on a non-finite loss; 2: a user error.",
+                       add_arguments=_add_train_arguments)
     p.set_defaults(func=_cmd_train)
 
     def measure_args(p):

@@ -144,3 +144,19 @@ def test_generator_against_data(tmp_path, image_writer):
     g = build_generator("tiny")
     values = measure(g, tmp_path / "real", ["swd6"], progress=False)
     assert values["swd6"] > 0 and values["num_fake_swd6"] == 6 and {"swd6_32", "swd6_16"} <= values.keys()
+
+
+def test_the_cli_help_names_every_kind_and_its_default_count():
+    """`stylenat metrics --help` spells the kinds for a terminal (building it must not import torch's
+    stack); this keeps it from drifting from KINDS."""
+    from stylenat.cli import build_parser
+    from stylenat.metrics.registry import KINDS
+
+    sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "metrics" in a.choices)
+    parser = sub.choices["metrics"]
+    num = next(a for a in parser._actions if "--num" in a.option_strings)
+    counts: dict[int, list[str]] = {}
+    for kind in KINDS.values():
+        assert kind.name in parser.description
+        counts.setdefault(kind.images, []).append(kind.name)
+    assert ", ".join(f"{'/'.join(names)} {n}" for n, names in counts.items()) in num.help

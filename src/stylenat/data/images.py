@@ -1,6 +1,6 @@
 """Turning arbitrary image files into square RGB images, and image grids back into PNG files.
 
-Conversion rules (documented in the README):
+Conversion rules (documented in docs/data.md):
 - transparency (RGBA, LA, PA, palette with a transparent colour) is composited on white, the usual
   backdrop of product shots and drawings; dropping alpha would expose arbitrary hidden colours;
 - 16-bit grayscale (I;16*) is scaled by 1/257; 32-bit integer (I) is scaled the same way when any

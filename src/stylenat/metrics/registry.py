@@ -34,7 +34,7 @@ from stylenat.metrics.precision_recall import precision_recall
 from stylenat.metrics.swd import SWDCollector, swd_from_collectors
 
 __all__ = ["KINDS", "METRICS", "MetricKind", "MetricSpec", "parse_metric", "calc_metric", "measure", "evaluate", "compare",
-           "needs_inception", "load_inception_for", "describe_kinds"]
+           "needs_inception", "load_inception_for"]
 
 
 @dataclass(frozen=True)
@@ -104,12 +104,6 @@ _NAME = re.compile(f"({'|'.join(map(re.escape, KINDS))})(?:(\\d+)(k?))?")
 
 def _either(words: list[str]) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
-
-
-def describe_kinds() -> str:
-    """One sentence per kind, for help texts: what it measures, its default count, whether it needs the weights."""
-    return " ".join(f"{k.name}: {k.description} ({k.images} images by default"
-                    f"{'; needs the Inception weights' if k.inception else ''})." for k in KINDS.values())
 
 
 @dataclass(frozen=True)

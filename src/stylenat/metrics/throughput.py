@@ -174,7 +174,7 @@ def benchmark(g: nn.Module, batches: Sequence[int] | None = None, warmup: int | 
         mode: ``paper`` (g as it is, eager) or ``fast``: g is compiled in place first
             (:func:`stylenat.models.compiled.compile_generator` with ``compile_mode``, default
             per device); needs warmup >= 1, the pass that compiles.
-    Returns a JSON-ready dict (see the README's bench section): with ``mode``, ``compile`` (the
+    Returns a JSON-ready dict (see docs/metrics.md, the `stylenat bench` paragraph): with ``mode``, ``compile`` (the
     settings and ``setup_s``, the eager pass and wrapping before the first compiled pass; None in
     paper mode) and per batch size ``first_pass_ms`` and ``compile_s`` (first pass less the median
     timed pass; None in paper mode).

@@ -1,7 +1,7 @@
 """The training recipe as one frozen dataclass, with a preset per model preset.
 
 The ffhq256 preset is the published FFHQ-256 recipe (the paper's section 4 and the official
-code's defaults, README "Training"); the other official presets reuse it. ``tiny`` is tuned so the demo learns recognizable faces in minutes on a
+code's defaults, docs/training.md "The published recipe"); the other official presets reuse it. ``tiny`` is tuned so the demo learns recognizable faces in minutes on a
 laptop CPU.
 """
 
@@ -24,7 +24,7 @@ class TrainConfig(JsonConfig):
     With ``init`` the model comes from the init model: None (``stylenat train --init`` without
     ``--preset``), or a preset that describes that model (a conflicting one is an error)."""
     resolution: int | None = param(None, min=16)
-    """Image edge of a family preset; None: the data's (a prepared dataset's size, or its images' size).
+    """Image edge of a family preset (16, 32, ..., 1024); None: the data's (a prepared dataset's size, or its images' size).
     With ``init``: None or the init model's own size (fine-tuning never resizes a model)."""
     generator: dict = field(default_factory=dict)
     """Overrides of GeneratorConfig fields; the run directory stores the fully resolved config here."""
@@ -98,7 +98,8 @@ class TrainConfig(JsonConfig):
 
     init: str | None = None
     """Start G, G_ema and D from this model instead of random weights (fine-tuning): a run directory, a
-    stylenat .safetensors model file, or an official .pt (with ``init_preset`` or ``init_meta``). The
+    stylenat .safetensors model file, an export-hub folder, a registered name (e.g. ffhq256),
+    hf://OWNER/REPO, or an official .pt (with ``init_preset`` or ``init_meta``). The
     model configs come from it; optimizers and counters start fresh; a missing D starts fresh."""
     init_preset: str | None = None
     """An official ``init`` checkpoint's configuration, by preset name (ffhq256, ffhq1024, church256); a
@@ -111,7 +112,8 @@ class TrainConfig(JsonConfig):
     """Class-conditional training: None (default) when the data has labels, False to ignore them,
     True to require them."""
     freeze_d: int = param(0, min=0)
-    """FreezeD (Mo et al. 2020): the first this many discriminator blocks from the input side do not train."""
+    """FreezeD (Mo et al. 2020): the first this many discriminator blocks from the input side do not
+    train (with ``init``, from a model that has a discriminator)."""
     aug: Literal["none", "ada", "diffaug"] = "none"
     """Augment every image D sees (reals and fakes; D, G and R1 steps): ``ada`` (adaptive, Karras et al.
     2020), ``diffaug`` (DiffAugment's colour, translation, cutout, always on) or ``none``."""

@@ -18,7 +18,7 @@ __all__ = ["GracefulStop", "STOP_SIGNALS", "STOPPED_EXIT_STATUS", "ignore_stop_s
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None),
                                   getattr(signal, "SIGUSR1", None)) if s is not None)
-# EX_TEMPFAIL from sysexits.h: "try again later", i.e. resume. Documented in the README.
+# EX_TEMPFAIL from sysexits.h: "try again later", i.e. resume. Documented in docs/training.md.
 STOPPED_EXIT_STATUS = 75
 
 
