@@ -74,6 +74,21 @@ def test_missing_model(tmp_path, capsys):
     assert "does not exist" in _one_error_line(capsys, "generate")
 
 
+@pytest.mark.parametrize("command", ["convert-official", "train"])
+def test_missing_or_broken_official_meta_file(tmp_path, capsys, command):
+    """`convert-official ckpt.pt --meta missing.json out` once printed a traceback."""
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"g_ema": {"x": torch.zeros(1)}}, ckpt)
+    (tmp_path / "broken.json").write_text("{not json")
+    args = {"convert-official": lambda meta: ["convert-official", str(ckpt), "--meta", meta, str(tmp_path / "out.safetensors")],
+            "train": lambda meta: ["train", "--init", str(ckpt), "--meta", meta, "--run-dir", str(tmp_path / "run")]}[command]
+    assert main(args(str(tmp_path / "missing.json"))) == 2
+    assert "missing.json" in _one_error_line(capsys, command)
+    assert main(args(str(tmp_path / "broken.json"))) == 2
+    assert "not valid JSON" in _one_error_line(capsys, command)
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "run").exists()
+
+
 class _Payload:
     """Unpickling this would run a shell command (what a malicious checkpoint carries)."""
 
