@@ -97,10 +97,20 @@ def average_gradients(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def average_buffers(module: nn.Module) -> None:
-    """Average floating-point buffers (e.g. G's tracked w_avg) so ranks hold the same model."""
-    if _active():
-        _average([b for b in module.buffers() if b.is_floating_point()])
+def average_buffers(buffers: list[torch.Tensor]) -> None:
+    """Set floating buffers to rank 0's value plus the mean difference of every rank's from it (a
+    broadcast and an all-reduce), so ranks hold the same model. Buffers equal on every rank (the
+    constants, the spectral-norm vectors every rank moved alike) keep every bit, which a plain mean
+    does not (x + x + x over 3 ranks rounds); the others (G's tracked w_avg) get their mean."""
+    if not (_active() and buffers):
+        return
+    ref = torch.cat([b.reshape(-1) for b in buffers])
+    dist.broadcast(ref, src=0)
+    ref = list(ref.split([b.numel() for b in buffers]))
+    ref = [r.view_as(b) for r, b in zip(ref, buffers)]
+    changes = torch._foreach_sub(buffers, ref)
+    _average(changes)
+    torch._foreach_copy_(buffers, torch._foreach_add(ref, changes))
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:

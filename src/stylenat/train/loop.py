@@ -202,25 +202,35 @@ class _Trainer:
         pick = draws.scope("c").randint(0, len(self.dataset.labels), (self.cfg.batch,))
         return z, _to_device(self.dataset.labels[pick], self.device)
 
+    def _buffers(self) -> list[torch.Tensor]:
+        """The floating buffers of G and D: forward passes in training mode move some (G's tracked
+        w_avg, D's spectral-norm vectors); the rest are constants."""
+        return [b for m in (self.G, self.D) for b in m.buffers() if b.is_floating_point()]
+
     def _accumulate(self, phase: str, micro) -> list:
         """``micro(k, draws)`` for every micro-batch k of the step's ``phase``, in order.
 
-        Forward passes in training mode move buffers (G's tracked w_avg, D's spectral-norm vectors):
-        every micro-batch starts from the phase's buffers and they end as their mean over the
-        micro-batches, as one batch of all of them would leave them (and as ranks are averaged).
+        Every micro-batch starts from the phase's buffers, and they end on the first micro-batch's
+        plus the mean difference of each from it: the mean, as one batch of them all would leave
+        them, and every bit of a buffer all micro-batches leave alike (constants, spectral-norm
+        vectors), where a plain mean over 3 would round (as over ranks, dist.average_buffers).
         """
         cfg, info = self.cfg, self.info
         draws = [StepDraws.for_micro_batch(cfg.seed, (self.state.step, phase), cfg.batch, k, cfg.accum, info.rank, info.world)
                  for k in range(cfg.accum)]
         if cfg.accum == 1:
             return [micro(0, draws[0])]
-        buffers = [b for m in (self.G, self.D) for b in m.buffers() if b.is_floating_point()]
-        start, total, out = [b.clone() for b in buffers], [torch.zeros_like(b) for b in buffers], []
+        buffers, out = self._buffers(), []
+        start = torch._foreach_mul(buffers, 1.0)  # a copy, one fused kernel on CUDA
         for k in range(cfg.accum):
             torch._foreach_copy_(buffers, start)
             out.append(micro(k, draws[k]))
-            torch._foreach_add_(total, buffers)
-        torch._foreach_copy_(buffers, torch._foreach_div(total, cfg.accum))
+            if k == 0:
+                first, change = torch._foreach_mul(buffers, 1.0), torch._foreach_mul(buffers, 0.0)
+            else:
+                torch._foreach_add_(change, torch._foreach_sub(buffers, first))
+        torch._foreach_div_(change, cfg.accum)
+        torch._foreach_copy_(buffers, torch._foreach_add(first, change))
         return out
 
     def _finish(self, opt: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor, what: str, clip: float | None = None) -> torch.Tensor:
@@ -289,8 +299,7 @@ class _Trainer:
         if state.step % cfg.r1_interval == 0 and cfg.r1_gamma > 0:
             stats["r1"] = self._r1_step(reals)
         stats.update(self._g_step())
-        dist.average_buffers(self.G)
-        dist.average_buffers(self.D)
+        dist.average_buffers(self._buffers())
         update_ema(self.G_ema, self.G, ema_beta(cfg.ema_half_life))
         state.step += 1
         state.images += cfg.batch * cfg.accum * self.info.world

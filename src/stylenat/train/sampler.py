@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from stylenat.errors import DataError
+from stylenat.errors import ConfigError, DataError
 
 
 class ShardedStream(Sampler[int]):
@@ -30,7 +30,9 @@ class ShardedStream(Sampler[int]):
         if size < world:
             raise DataError(f"the dataset has {size} images, fewer than the {world} ranks training on it")
         if consumed % (batch * accum):
-            raise ValueError(f"consumed {consumed} is not a whole number of steps of {batch} x {accum} images")
+            raise ConfigError(f"the checkpoint's data position ({consumed} images per rank) is not a whole number of "
+                              f"steps of batch {batch} x accum {accum}: batch or accum changed since it was written; "
+                              "resume with the run's own config.json")
         self.size, self.seed, self.rank, self.world, self.consumed = size, seed, rank, world, consumed
         self.batch, self.accum = batch, accum
         self.per_rank = size // world  # the remainder of each epoch is dropped so ranks stay in step
