@@ -9,7 +9,8 @@ drawn for the whole step and sliced per rank and micro-batch (:mod:`stylenat.tra
 data order is a seeded stream dealt the same way (``ShardedStream``). So a resumed run produces
 bitwise the same weights as an uninterrupted one (same device type, process count and torch build;
 see docs/robustness.md), and 2 processes x batch 4, accum 2 x batch 4 and batch 8 train on the same
-images with the same numbers (equal weights up to float rounding: tests/train/test_equivalence.py).
+images with the same numbers (equal weights up to float rounding: tests/train/test_equivalence.py;
+when the process count divides the dataset and device batches hold a whole minibatch-stddev group).
 
 Interruptions: SIGTERM, SIGINT or SIGUSR1 stop the run after the current step with a checkpoint
 (:class:`TrainingStopped`; ``stylenat train`` exits with status 75); a kill at any other moment
