@@ -313,15 +313,24 @@ class _Trainer:
     # ---- the run -------------------------------------------------------------------------------
 
     def run(self) -> Path:
+        together = False  # whether every rank leaves at this point (then they tear down together)
         try:
             with GracefulStop() as stop:
                 self._loop(stop)
-        except NonFiniteError as exc:
-            last = latest_checkpoint(self.ckpt_root)
-            self.log.line(f"stopped: {exc}; the newest checkpoint is {last.name if last else 'none'}")
+            together = True
+        except (NonFiniteError, TrainingStopped) as exc:  # decided on every rank at the same step
+            together = True
+            if isinstance(exc, NonFiniteError):
+                last = latest_checkpoint(self.ckpt_root)
+                self.log.line(f"stopped: {exc}; the newest checkpoint is {last.name if last else 'none'}")
             raise
         finally:
             self.log.close()
+            # Ranks leave together: tearing the process group down while another rank still writes
+            # (the last checkpoint, the log) can abort that rank inside gloo. Not after an error on
+            # one rank alone, where the others would wait for it until the timeout.
+            if together:
+                dist.barrier()
             dist.shutdown()
             torch.use_deterministic_algorithms(self._deterministic_before)
         return self.run_dir
@@ -367,14 +376,10 @@ class _Trainer:
             if stopping:
                 signame = next((n for n in dist.gather_objects(stop.name) if n), "a signal")
                 self.log.line(f"stopped by {signame} at step {state.step}; resume with `stylenat train --resume {self.run_dir}`")
-                dist.barrier()
                 raise TrainingStopped(signame, state.step, saved)
             if self._metrics_due():
                 self._metrics()
         self.log.line(f"done: {state.step} steps, {state.images:,} images" + (f", {self.skipped} skipped" if self.skipped else ""))
-        # Ranks leave together: tearing the process group down while rank 0 still writes the last
-        # checkpoint can abort the other ranks inside gloo.
-        dist.barrier()
 
     def _tick(self, window: list[dict], sec_per_step: float, factor: float) -> None:
         # Every rank's statistics of its own images, averaged: the numbers of the whole batch.
