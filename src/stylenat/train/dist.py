@@ -106,8 +106,7 @@ def average_buffers(buffers: list[torch.Tensor]) -> None:
         return
     ref = torch.cat([b.reshape(-1) for b in buffers])
     dist.broadcast(ref, src=0)
-    ref = list(ref.split([b.numel() for b in buffers]))
-    ref = [r.view_as(b) for r, b in zip(ref, buffers)]
+    ref = [r.view_as(b) for r, b in zip(ref.split([b.numel() for b in buffers]), buffers)]
     changes = torch._foreach_sub(buffers, ref)
     _average(changes)
     torch._foreach_copy_(buffers, torch._foreach_add(ref, changes))

@@ -17,6 +17,7 @@ from stylenat.errors import UserError
 from stylenat.models.loading import read_official_meta
 from stylenat.train.config import TrainConfig, get_train_preset
 
+
 def assignments(items: list[str], flag: str) -> dict:
     """KEY=VALUE pairs; VALUE is parsed as JSON when it can be (numbers, lists, null), else kept as text."""
     out = {}
@@ -55,8 +56,6 @@ def _flag(name: str) -> str:
 
 def _metavar(tp, name: str = "") -> str:
     """How a value of type ``tp`` reads in --help: N, X, {stop,skip}, X,X, NAME,..., N|none."""
-    import typing
-
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if name in _TRAIN_METAVARS:
         return _TRAIN_METAVARS[name] + ("|none" if type(None) in args else "")
@@ -72,8 +71,6 @@ def _metavar(tp, name: str = "") -> str:
 
 def train_flag_help(field) -> str:
     """A field flag's help: the field's docstring, then its range from :func:`stylenat._config.param`."""
-    from stylenat.train.config import TrainConfig
-
     text, limits = field_docs(TrainConfig)[field.name], bounds(field.metadata)
     each = "each " if typing.get_origin(field_types(TrainConfig)[field.name]) is tuple else ""
     return f"{text} [{each}{limits}]" if limits else text
@@ -82,8 +79,6 @@ def train_flag_help(field) -> str:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """`stylenat train`'s options: ``--field-name`` for every field of :func:`train_flag_fields`
     (type, value name and help from the field), and those that are more than one field."""
-    from stylenat.train.config import TrainConfig
-
     p.add_argument("--preset", metavar="NAME",
                    help="model and training preset: ffhq256, ffhq1024, church256, tiny, or a family sized by "
                         "--resolution or the data: ffhq (default), church; with --init it must describe the model "
@@ -111,8 +106,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def flag_values(args: argparse.Namespace) -> dict:
     """The fields whose flags were given, each read from its text by the field's type."""
-    from stylenat.train.config import TrainConfig
-
     hints, out = field_types(TrainConfig), {}
     for field in train_flag_fields():
         value = getattr(args, field.name)

@@ -60,6 +60,7 @@ from stylenat.train.setup import (
 )
 from stylenat.train.signals import GracefulStop, ignore_stop_signals
 
+
 class NonFiniteError(RuntimeError):
     """A loss or gradient norm became NaN/inf; the run stopped without writing a checkpoint."""
 
@@ -108,6 +109,7 @@ def resume(run_dir: str | Path, steps: int | None = None) -> Path:
     if config.init is not None:
         config, init = load_init(config)
     return _Trainer(resolve_config(config, init), resume=False, init=init).run()
+
 
 class _Trainer:
     """One run from a resolved config: set up in ``__init__``, then :meth:`run`."""
@@ -302,12 +304,13 @@ class _Trainer:
         stats.update(self._g_step())
         dist.average_buffers(self._buffers())
         update_ema(self.G_ema, self.G, ema_beta(cfg.ema_half_life))
+        shown = cfg.batch * cfg.accum * self.info.world  # real images of this step over all ranks
         state.step += 1
-        state.images += cfg.batch * cfg.accum * self.info.world
+        state.images += shown
         if self.pipe is not None:
             stats["aug_p"] = self.ada.p if self.ada is not None else cfg.aug_p
         if self.ada is not None:
-            self.ada.maybe_update(state.step, cfg.batch * cfg.accum * self.info.world, reduce=dist.sum_)
+            self.ada.maybe_update(state.step, shown, reduce=dist.sum_)
         return stats
 
     # ---- the run -------------------------------------------------------------------------------
