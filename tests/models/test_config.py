@@ -47,7 +47,8 @@ def _tiny_with(**changes) -> dict:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"resolution": 48}, "power of two"),
+        ({"resolution": 36}, "36x36 is not a model size"),
+        ({"resolution": [24, 64]}, r"64x24 is not a model size.*nearest"),
         ({"channels": [64, 64, 32]}, "one entry per stage"),
         ({"kernels": [[4], [5], [5, 5], [9, 9]], "dilations": [[1], [1], [1, 2], [1, 4]]}, "does not fit"),
         ({"kernels": [[4], [4], [5, 5], [3, 3]]}, "does not fit"),
@@ -70,5 +71,5 @@ def test_unknown_fields_and_presets_raise():
 
 
 def test_discriminator_too_small_raises():
-    with pytest.raises(ValueError, match="at least 16"):
+    with pytest.raises(ValueError, match="8x8 is not a model size.*at least 3 stages"):
         DiscriminatorConfig(resolution=8, channels=(64, 32))

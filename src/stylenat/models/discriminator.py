@@ -10,7 +10,8 @@ an extra MLP on the label.
 The input (model output space) is Haar-transformed to 12 channels at half resolution. Each scale
 has a from-RGB 1x1 conv on the wavelet image (later scales first rebuild the image with the inverse
 transform, blur-downsample it and transform again) added to the main path, then a conv block that
-halves the resolution. At 4x4: minibatch stddev, 3x3 conv, two spectral-normed linear layers.
+halves the resolution. On the base map (4x4 for a square of a power of two; bh x bw in general):
+minibatch stddev, 3x3 conv, two spectral-normed linear layers, the first sized to the base map.
 
 Spectral norm is ``torch.nn.utils.parametrizations.spectral_norm``: one power iteration per
 forward in training mode, the stored u, v in eval mode (as in the official code).
@@ -18,7 +19,6 @@ forward in training mode, the stored u, v in eval mode (as in the official code)
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
@@ -91,7 +91,7 @@ class FromRGB(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Images [B, 3, S, S] in model space -> logits [B, 1].
+    """Images [B, 3, H, W] in model space -> logits [B, 1].
 
     Args:
         config: the discriminator configuration.
@@ -103,17 +103,20 @@ class Discriminator(nn.Module):
         self.dwt = HaarTransform()
         self.from_rgbs = nn.ModuleList()
         self.convs = nn.ModuleList()
-        log_size = int(math.log2(config.resolution)) - 1
-        in_ch = config.channels_at(config.resolution)
-        for i in range(log_size, 2, -1):
-            out_ch = config.channels_at(2 ** (i - 1))
-            self.from_rgbs.append(FromRGB(in_ch, downsample=i != log_size))
+        shapes = config.stage_shapes()
+        ch = config.channels
+        # The wavelet image starts at stage len - 2 (half the image); each conv block halves it.
+        in_ch = ch[-1]
+        for i in range(len(shapes) - 2, 0, -1):
+            out_ch = ch[i - 1]
+            self.from_rgbs.append(FromRGB(in_ch, downsample=i != len(shapes) - 2))
             self.convs.append(ConvBlock(in_ch, out_ch))
             in_ch = out_ch
-        c4 = config.channels_at(4)
+        c4 = ch[0]
         self.from_rgbs.append(FromRGB(c4, downsample=True))
         self.final_conv = ConvLayer(in_ch + 1, c4, 3)
-        self.final_linear = nn.Sequential(spectral_norm(nn.Linear(c4 * 16, c4)), BiasLeakyReLU(c4), spectral_norm(nn.Linear(c4, 1)))
+        base = shapes[0][0] * shapes[0][1]
+        self.final_linear = nn.Sequential(spectral_norm(nn.Linear(c4 * base, c4)), BiasLeakyReLU(c4), spectral_norm(nn.Linear(c4, 1)))
         if config.num_classes:
             embed = nn.Embedding(config.num_classes, c4)
             nn.init.xavier_uniform_(embed.weight)
@@ -126,10 +129,10 @@ class Discriminator(nn.Module):
         return [m for i in range(n) for m in (self.from_rgbs[i], self.convs[i])]
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        """Logits [B, 1] of images x [B, 3, S, S] (and, for a conditional D, class indices c [B])."""
-        s = self.config.resolution
-        if x.ndim != 4 or x.shape[1:] != (3, s, s):
-            raise ValueError(f"discriminator input must have shape [batch, 3, {s}, {s}], got {tuple(x.shape)}")
+        """Logits [B, 1] of images x [B, 3, H, W] (and, for a conditional D, class indices c [B])."""
+        h, w = self.config.shape
+        if x.ndim != 4 or x.shape[1:] != (3, h, w):
+            raise ValueError(f"discriminator input must have shape [batch, 3, {h}, {w}], got {tuple(x.shape)}")
         if (c is None) != (self.config.num_classes == 0):
             raise ValueError("a conditional discriminator needs class labels" if c is None else
                              "this discriminator is unconditional: pass no class labels")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stylenat.models.config import GeneratorConfig, stage_resolutions
+from stylenat.models.config import GeneratorConfig
 from stylenat.nn.attention import HydraNeighborhoodAttention
 from stylenat.nn.layers import AdaIN, EqualLinear, FIRUpsample, sinusoidal_table
 
@@ -173,20 +173,23 @@ class StageUpsample(nn.Module):
     Args:
         in_dim: channels in.
         out_dim: channels out; the first half of the codes follows x (columns), the second y (rows).
-        out_size: output edge (twice the input edge).
+        out_size: output (height, width) (twice the input's), or an int for a square.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, out_size: int):
+    def __init__(self, in_dim: int, out_dim: int, out_size):
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
         self.reduction = nn.Linear(in_dim, out_dim, bias=False)
         self.alpha = nn.Parameter(torch.zeros(1))
-        self.register_buffer("codes", sinusoidal_table(out_size, out_dim // 2), persistent=False)
+        self.out_shape = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+        # Positions 1..n of an axis are the first n rows of any longer table: one table serves both axes.
+        self.register_buffer("codes", sinusoidal_table(max(self.out_shape), out_dim // 2), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.reduction(self.norm(upsample2x_bilinear(x)))
-        n, half = self.codes.shape
-        codes = torch.cat([self.codes[None, :, :].expand(n, n, half), self.codes[:, None, :].expand(n, n, half)], dim=-1)
+        h, w = self.out_shape
+        half = self.codes.shape[1]
+        codes = torch.cat([self.codes[None, :w, :].expand(h, w, half), self.codes[:h, None, :].expand(h, w, half)], dim=-1)
         return x + codes.to(x.dtype) * self.alpha
 
 
@@ -228,7 +231,7 @@ class ToRGB(nn.Module):
 
 
 class SynthesisNetwork(nn.Module):
-    """ws [B, num_ws, style_dim] -> raw image [B, 3, S, S] in the model's output space.
+    """ws [B, num_ws, style_dim] -> raw image [B, 3, H, W] in the model's output space.
 
     Args:
         config: the generator configuration.
@@ -236,20 +239,20 @@ class SynthesisNetwork(nn.Module):
 
     def __init__(self, config: GeneratorConfig):
         super().__init__()
-        res = stage_resolutions(config.resolution)
+        shapes = config.stage_shapes()
         ch = config.channels
         self.num_ws = config.num_ws
         self.style_dim = config.style_dim
-        self.const = nn.Parameter(torch.randn(1, ch[0], 4, 4))
+        self.const = nn.Parameter(torch.randn(1, ch[0], *shapes[0]))
         self.stages = nn.ModuleList()
         self.to_rgbs = nn.ModuleList()
-        last = len(res) - 1
-        for s, r in enumerate(res):
+        last = len(shapes) - 1
+        for s, (h, w) in enumerate(shapes):
             blocks = [
                 Block(ch[s], config.heads[s], config.kernels[s], config.dilations[s], config.mlp_ratio, config.style_dim)
                 for _ in range(2)
             ]
-            upsample = StageUpsample(ch[s], ch[s + 1], 2 * r) if s < last else None
+            upsample = StageUpsample(ch[s], ch[s + 1], (2 * h, 2 * w)) if s < last else None
             self.stages.append(Stage(blocks, upsample))
             self.to_rgbs.append(ToRGB(ch[min(s + 1, last)], upsample_skip=s < last))
 
@@ -290,8 +293,14 @@ class Generator(nn.Module):
         return self.config.num_ws
 
     @property
-    def resolution(self) -> int:
+    def resolution(self) -> int | tuple[int, int]:
+        """The config's size: an int for a square, else (height, width)."""
         return self.config.resolution
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the images."""
+        return self.config.shape
 
     @property
     def w_avg(self) -> Tensor:
@@ -303,7 +312,7 @@ class Generator(nn.Module):
 
     def forward(self, z: Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None, *,
                 c: Tensor | None = None) -> Tensor:
-        """Raw images [B, 3, S, S]; truncation moves latents 0 .. cutoff-1 (default all) toward the
+        """Raw images [B, 3, H, W]; truncation moves latents 0 .. cutoff-1 (default all) toward the
         mean w (of each image's class, for a conditional model; ``c``: class indices [B])."""
         ws = self.mapping(z, c=c).unsqueeze(1).repeat(1, self.num_ws, 1)
         if truncation_psi != 1:
