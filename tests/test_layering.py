@@ -18,7 +18,7 @@ ROOT = Path(stylenat.__file__).parent
 # group -> rank; a module may import its own group and any group of a lower rank.
 RANK = {"base": 0, "nn": 1, "models": 2, "data": 2, "metrics": 3, "sampling": 4, "train": 4, "app": 5, "cli": 6}
 GROUP_OF_TOP = {
-    "_system": "base", "errors": "base", "_config": "base", "_download": "base",
+    "_system": "base", "errors": "base", "_config": "base", "_download": "base", "_size": "base",
     "nn": "nn", "models": "models", "registry": "models", "hub": "models", "data": "data", "metrics": "metrics",
     "sampling": "sampling", "export": "sampling", "attention_maps": "sampling", "editing": "sampling", "projection": "sampling",
     "train": "train", "app": "app", "cli": "cli", "__main__": "cli",

@@ -164,13 +164,21 @@ def test_filters_match_pillow_and_differ(tmp_path, name, resample, pillow_center
     assert not np.array_equal(out, pillow_center_resize(img, 12, other))
 
 
-def test_crop_none_skips_non_square(tmp_path):
+def test_crop_none_letterboxes_non_square(tmp_path):
+    """--crop none once skipped a non-square image; it now pads it (rectangle tests: test_resize.py)."""
     src = tmp_path / "src"
     src.mkdir()
-    Image.fromarray(noise(20, 30)).save(src / "wide.png")
+    Image.fromarray(np.full((20, 40, 3), (200, 30, 30), np.uint8)).save(src / "wide.png")
     Image.fromarray(noise(20, 20)).save(src / "square.png")
-    report = prepare_dataset(src, tmp_path / "out", 10, crop="none", progress=False)
-    assert report.count == 1 and report.skipped[0][0] == "wide.png" and "not square" in report.skipped[0][1]
+    report = prepare_dataset(src, tmp_path / "out", 10, crop="none", fill="#0000ff", progress=False)
+    assert report.count == 2 and not report.skipped
+    np.testing.assert_array_equal(read_output(tmp_path / "out", 0), np.asarray(Image.open(src / "square.png").resize(
+        (10, 10), Image.Resampling.LANCZOS)))
+    wide = read_output(tmp_path / "out", 1)  # 40x20 -> 10x5 at rows 2..6 (top (10 - 5) // 2), blue above and below
+    assert (wide[:2] == (0, 0, 255)).all() and (wide[7:] == (0, 0, 255)).all()
+    assert np.abs(wide[2:7].astype(int) - (200, 30, 30)).max() <= 1
+    meta = read_meta(tmp_path / "out")
+    assert meta["crop"] == "none" and meta["fill"] == "#0000ff" and meta["size"] == 10
 
 
 def test_sixteen_bit_palette_exif_and_gif_conversions():
@@ -259,3 +267,39 @@ def test_zip_entries_under_dot_slash_are_images_and_keep_their_class_folders(tmp
     assert meta["classes"] == ["cat", "dog"]
     written = sorted(p for p in (tmp_path / "out").iterdir() if p.suffix == ".png")
     assert [np.asarray(Image.open(p)).mean() for p in written] == [40, 200]
+
+
+OLD_KEYS = ["format", "version", "size", "count", "filter", "crop", "source", "content_sha1", "sources", "skipped"]
+
+
+def test_rectangles_wxh_is_width_by_height_and_the_meta_says_so(tmp_path, capsys):
+    """--size 32x16: 32 wide, 16 high; dataset.json "size" [16, 32]; a square keeps its old keys."""
+    src = tmp_path / "src"
+    src.mkdir()
+    img = Image.fromarray(noise(30, 50))  # 50 wide, 30 high
+    img.save(src / "a.png")
+    assert main(["prepare", str(src), str(tmp_path / "r.zip"), "--size", "32x16"]) == 0
+    out = read_output(tmp_path / "r.zip", 0)
+    assert out.shape == (16, 32, 3)  # 50 x 25 centred (top 2), resized: a square crop would differ
+    np.testing.assert_array_equal(out, np.asarray(img.crop((0, 2, 50, 27)).resize((32, 16), Image.Resampling.LANCZOS)))
+    meta = read_meta(tmp_path / "r.zip")
+    assert meta["size"] == [16, 32] and meta["crop"] == "center" and "fill" not in meta
+    assert list(meta) == OLD_KEYS
+
+    assert main(["prepare", str(src), str(tmp_path / "lb"), "--size", "16x32", "--crop", "none", "--fill", "white"]) == 0
+    out = read_output(tmp_path / "lb", 0)  # 50x30 fitted into 16 wide: 16x10 at top (32 - 10) // 2 = 11
+    assert out.shape == (32, 16, 3) and (out[:11] == 255).all() and (out[21:] == 255).all()
+    np.testing.assert_array_equal(out[11:21], np.asarray(img.resize((16, 10), Image.Resampling.LANCZOS)))
+    meta = read_meta(tmp_path / "lb")
+    assert meta["size"] == [32, 16] and meta["crop"] == "none" and meta["fill"] == "#ffffff"
+    assert prepare_dataset(src, tmp_path / "sq", "16", progress=False).size == 16
+    assert list(read_meta(tmp_path / "sq")) == OLD_KEYS and read_meta(tmp_path / "sq")["size"] == 16
+    assert prepare_dataset(src, tmp_path / "sq2", "16x16", progress=False).size == 16  # a square pair is N
+    capsys.readouterr()
+
+    for args, message in ((["--size", "32y16"], "size: cannot read '32y16'; give N (a square) or WIDTHxHEIGHT"),
+                          (["--size", "0x16"], "size must be positive, got 0x16"),
+                          (["--size", "16", "--crop", "none", "--fill", "blurple"], "unknown colour 'blurple'")):
+        assert main(["prepare", str(src), str(tmp_path / "bad"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and not (tmp_path / "bad").exists()

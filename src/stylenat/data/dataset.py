@@ -1,4 +1,6 @@
-"""Training datasets: uint8 images [3, S, S] from a prepared dataset, a raw folder/zip, or the demo.
+"""Training datasets: uint8 images [3, H, W] from a prepared dataset, a raw folder/zip, or the demo.
+
+A resolution is an int for a square, else (height, width) (see stylenat._size).
 
 With xflip the dataset has 2n items and item i >= n is the mirror image of item i - n. Flips are
 decided by the index alone (not by a random draw inside the dataset), so a training loop that seeds
@@ -20,30 +22,37 @@ import torch
 from PIL import Image
 
 from stylenat.data.demo import DEMO_SIZE, DEMO_VERSION, draw_face
-from stylenat.data.images import decode_image, is_image_name, pil_to_tensor, square_resize
+from stylenat.data.images import decode_image, is_image_name, pil_to_tensor, resize_image
 from stylenat.data.labels import STYLEGAN_JSON, listed, read_labels
-from stylenat.data.prepare import output_name, prepared_meta
+from stylenat.data.prepare import meta_size, output_name, prepared_meta
+from stylenat._size import as_shape, is_model_size, parse_size, size_flag, size_text
 from stylenat.data.sources import UNSAFE_REASON, FileSource
-from stylenat.errors import ConfigError, DataError
+from stylenat.errors import DataError
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Base class: `num_images` images of side `resolution`, doubled by mirrored copies if `xflip`.
+    """Base class: `num_images` images of size `resolution` (an int for a square, else (height,
+    width)), doubled by mirrored copies if `xflip`.
 
-    Subclasses implement `_load(i)` (image i < num_images as uint8 [3, S, S]) and `_content_key()`
+    Subclasses implement `_load(i)` (image i < num_images as uint8 [3, H, W]) and `_content_key()`
     (a JSON-able value that changes whenever the images could). ``labels`` (class index per image)
     and ``class_names`` make a labelled dataset; items are then (image, label) pairs unless
     ``with_labels`` is set to False.
     """
 
-    def __init__(self, num_images: int, resolution: int, xflip: bool, labels: list[int] | None = None,
+    def __init__(self, num_images: int, resolution: int | tuple[int, int], xflip: bool, labels: list[int] | None = None,
                  class_names: list[str] | None = None):
         self.num_images = num_images
-        self.resolution = resolution
+        self.resolution = parse_size(resolution, "resolution")
         self.xflip = xflip
         self.labels = None if labels is None else torch.tensor(labels, dtype=torch.long)
         self.class_names = list(class_names or [])
         self.with_labels = labels is not None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of every image."""
+        return as_shape(self.resolution)
 
     @property
     def num_classes(self) -> int:
@@ -79,14 +88,15 @@ class ImageDataset(torch.utils.data.Dataset):
 class PreparedDataset(ImageDataset):
     """A dataset written by `prepare_dataset` (folder or zip); images are used as stored.
 
-    source: the dataset's files; meta: its parsed dataset.json; resolution: required image side
-    (ValueError when it differs from the prepared size); xflip: add mirrored copies.
+    source: the dataset's files; meta: its parsed dataset.json; resolution: required image size
+    (DataError when it differs from the prepared size); xflip: add mirrored copies.
     """
 
-    def __init__(self, source: FileSource, meta: dict, resolution: int, xflip: bool = False):
-        if meta["size"] != resolution:
-            raise DataError(f"{source.path} holds {meta['size']}x{meta['size']} images but resolution "
-                             f"{resolution} was asked for; prepare it again with --size {resolution}")
+    def __init__(self, source: FileSource, meta: dict, resolution, xflip: bool = False):
+        have, want = meta_size(source, meta), parse_size(resolution, "resolution")
+        if have != want:
+            raise DataError(f"{source.path} holds {size_text(have)} images but {size_text(want)} was asked for; "
+                            f"prepare it again at that size: stylenat prepare SRC DST --size {size_flag(want)}")
         super().__init__(meta["count"], resolution, xflip, meta.get("labels"), meta.get("classes"))
         self.source, self.meta = source, meta
 
@@ -102,7 +112,8 @@ class RawDataset(ImageDataset):
 
     source: the files (those without an image extension, and zip entries whose names point outside
     the archive, are ignored with a warning listing them; StyleGAN's dataset.json in the root
-    labels them); resolution: output side; xflip: add mirrored copies. A file that fails to decode
+    labels them); resolution: output size (each image's largest centred region of that aspect is
+    resized to it); xflip: add mirrored copies. A file that fails to decode
     is warned about once and replaced by the next good image (of the same class), so an epoch
     never stops half-way.
     """
@@ -128,7 +139,7 @@ class RawDataset(ImageDataset):
             if j in self._bad or (self.labels is not None and self.labels[j] != self.labels[i]):
                 continue
             try:
-                return pil_to_tensor(square_resize(decode_image(self.source.read(self.files[j])), self.resolution))
+                return pil_to_tensor(resize_image(decode_image(self.source.read(self.files[j])), self.resolution))
             except Exception as exc:  # any undecodable file is skipped, not fatal mid-epoch
                 self._bad.add(j)
                 warnings.warn(f"{self.source.path}: skipping unreadable image {self.files[j]} ({exc})", stacklevel=2)
@@ -142,11 +153,12 @@ class RawDataset(ImageDataset):
 class DemoDataset(ImageDataset):
     """The built-in demo: procedurally drawn cartoon faces, drawn on demand (under 1 ms each).
 
-    resolution: image side; xflip: add mirrored copies; seed: which family of faces;
+    resolution: image size (a rectangle has the face centred on a wider or taller canvas);
+    xflip: add mirrored copies; seed: which family of faces;
     count: number of distinct faces.
     """
 
-    def __init__(self, resolution: int, xflip: bool = False, seed: int = 0, count: int = DEMO_SIZE):
+    def __init__(self, resolution, xflip: bool = False, seed: int = 0, count: int = DEMO_SIZE):
         super().__init__(count, resolution, xflip)
         self.seed = seed
 
@@ -157,17 +169,18 @@ class DemoDataset(ImageDataset):
         return [DEMO_VERSION, self.seed, self.num_images]
 
 
-def open_dataset(path_or_demo: str | os.PathLike, resolution: int, *, xflip: bool = False,
+def open_dataset(path_or_demo: str | os.PathLike, resolution: int | tuple[int, int], *, xflip: bool = False,
                  labels: bool = True) -> ImageDataset:
-    """Open training images as a torch Dataset of uint8 tensors [3, resolution, resolution].
+    """Open training images as a torch Dataset of uint8 tensors [3, H, W].
 
     path_or_demo: "demo" for the built-in faces (write "./demo" for a folder of that name), a
-    folder or zip made by `stylenat prepare`, or any folder/zip of images (cropped and resized on
-    the fly); resolution: image side in pixels; xflip: append mirrored copies (len doubles);
-    labels: yield (image, class index) pairs when the data is labelled (False: images only).
+    folder or zip made by `stylenat prepare` (it must hold images of this size: DataError
+    otherwise), or any folder/zip of images (each centre-cropped to the aspect and resized on the
+    fly); resolution: an int for a square, else (height, width) (or "WIDTHxHEIGHT"); xflip: append
+    mirrored copies (len doubles); labels: yield (image, class index) pairs when the data is
+    labelled (False: images only).
     """
-    if not isinstance(resolution, int) or resolution < 1:
-        raise ConfigError(f"resolution must be a positive integer, got {resolution!r}")
+    resolution = parse_size(resolution, "resolution")
     if str(path_or_demo) == "demo":
         dataset = DemoDataset(resolution, xflip)
     else:
@@ -182,19 +195,21 @@ def open_dataset(path_or_demo: str | os.PathLike, resolution: int, *, xflip: boo
 
 
 def native_resolution(path_or_demo: str | os.PathLike, sample: int = 64) -> tuple[int | None, bool]:
-    """The edge of the images a dataset holds, and whether that size is binding.
+    """The size of the images a dataset holds, and whether that size is binding.
 
-    Returns (size, binding): a prepared dataset gives (its size, True); raw images that are all
-    square of one size (judged on up to ``sample`` files spread over the set, from their headers)
-    give (that size, True when it is a power of two); the demo, raw images of mixed or non-square
-    sizes give (None, False): they are cropped and resized to whatever the model needs.
+    Sizes are an int for a square, else (height, width). Returns (size, binding): a prepared
+    dataset gives (its size, True); raw images all of one size (judged on up to ``sample`` files
+    spread over the set, from their headers) give (that size, True when a model can have it: a
+    square of a power of two, or bw * 2^s wide and bh * 2^s high with max(bw, bh) in 4..7, see
+    stylenat._size.is_model_size); the demo and raw images of mixed sizes give (None, False):
+    they are cropped and resized to whatever the model needs.
     """
     if str(path_or_demo) == "demo":
         return None, False
     source = FileSource(path_or_demo)
     meta = prepared_meta(source)
     if meta is not None:
-        return int(meta["size"]), True
+        return meta_size(source, meta), True
     files = [n for n in source.names if is_image_name(n)]
     sizes = set()
     for name in files[:: max(1, len(files) // sample)][:sample]:
@@ -206,9 +221,9 @@ def native_resolution(path_or_demo: str | os.PathLike, sample: int = 64) -> tupl
     if len(sizes) != 1:
         return None, False
     (w, h), = sizes
-    if w != h:
-        return None, False
-    return w, w >= 1 and w & (w - 1) == 0
+    size = parse_size((h, w), "image size")
+    power_of_two_square = w == h and w & (w - 1) == 0
+    return size, power_of_two_square or is_model_size(size)
 
 
 def dataset_classes(path_or_demo: str | os.PathLike) -> list[str]:

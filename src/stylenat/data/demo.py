@@ -3,7 +3,8 @@
 The faces are meant to be learnable by a tiny generator in minutes on a CPU: one centred face per
 image, large flat shapes with strong contrast, variety only in colours, proportions and features.
 Each face is drawn with PIL.ImageDraw on a large canvas and downsampled with a box filter, which
-anti-aliases the edges.
+anti-aliases the edges. At a rectangle the canvas is widened (or heightened) around the same face:
+the background and the shoulders extend, the face stays centred at the scale of the shorter side.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import random
 
 from PIL import Image, ImageDraw
+
+from stylenat._size import as_shape, parse_size
 
 DEMO_VERSION = 1  # bump when the drawing changes, so cache keys built from fingerprints change
 DEMO_SIZE = 4096  # images in the demo dataset
@@ -33,25 +36,34 @@ def _darker(color: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
     return tuple(int(c * factor) for c in color)
 
 
-def draw_face(index: int, seed: int = 0, size: int = 64) -> Image.Image:
-    """Draw demo face number `index` as an RGB image of `size` x `size` pixels.
+def draw_face(index: int, seed: int = 0, size: int | tuple[int, int] = 64) -> Image.Image:
+    """Draw demo face number `index` as an RGB image of `size`.
 
-    index: which face (any integer); seed: selects a different family of faces; size: output side
-    in pixels. The same (index, seed) always gives the same face, at every size.
+    index: which face (any integer); seed: selects a different family of faces; size: an int for a
+    square, else (height, width) (or "WIDTHxHEIGHT"): the face is centred and scaled to the shorter
+    side. The same (index, seed) always gives the same face, at every size.
     """
+    h, w = as_shape(parse_size(size, "size"))
+    short = min(h, w)
+    # The canvas has the output's aspect; the face is drawn on its centred _CANVAS x _CANVAS square.
+    canvas_w, canvas_h = max(_CANVAS, round(_CANVAS * w / short)), max(_CANVAS, round(_CANVAS * h / short))
+    ox, oy = (canvas_w - _CANVAS) // 2, (canvas_h - _CANVAS) // 2
     rng = random.Random(seed * 1_000_003 + index)
-    img = Image.new("RGB", (_CANVAS, _CANVAS), _jitter(rng, rng.choice(_BACKGROUND), 20))
+    img = Image.new("RGB", (canvas_w, canvas_h), _jitter(rng, rng.choice(_BACKGROUND), 20))
     draw = ImageDraw.Draw(img)
 
-    cx = 128 + rng.randint(-8, 8)
-    cy = 126 + rng.randint(-6, 6)
+    cx = ox + 128 + rng.randint(-8, 8)
+    cy = oy + 126 + rng.randint(-6, 6)
     fw = rng.randint(58, 74)  # half width of the face
     fh = rng.randint(70, 86)  # half height
     skin = _jitter(rng, rng.choice(_SKIN))
     hair = _jitter(rng, rng.choice(_HAIR))
 
     # Shoulders and neck first: everything else overlaps them.
-    draw.ellipse((cx - 110, cy + fh - 10, cx + 110, cy + fh + 150), fill=_jitter(rng, rng.choice(_SHIRT)))
+    shirt = _jitter(rng, rng.choice(_SHIRT))
+    draw.ellipse((cx - 110, cy + fh - 10, cx + 110, cy + fh + 150), fill=shirt)
+    if canvas_h > cy + fh + 70:  # a tall canvas: the shirt goes on below the ellipse (never on a square one)
+        draw.rectangle((cx - 110, cy + fh + 70, cx + 110, canvas_h), fill=shirt)
     draw.rectangle((cx - 22, cy + fh - 30, cx + 22, cy + fh + 12), fill=_darker(skin, 0.9))
 
     style = rng.randrange(4)  # 0 bald, 1 short, 2 long, 3 puffy
@@ -112,4 +124,4 @@ def draw_face(index: int, seed: int = 0, size: int = 64) -> Image.Image:
     else:
         draw.line((cx - mw * 0.7, mouth_y, cx + mw * 0.7, mouth_y), fill=lips, width=6)
 
-    return img.resize((size, size), Image.Resampling.BOX) if size != _CANVAS else img
+    return img.resize((w, h), Image.Resampling.BOX) if (w, h) != img.size else img

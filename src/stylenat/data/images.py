@@ -1,4 +1,5 @@
-"""Turning arbitrary image files into square RGB images, and image grids back into PNG files.
+"""Turning arbitrary image files into RGB images of a given size (cropped or letterboxed), and image
+grids back into PNG files.
 
 Conversion rules (documented in docs/data.md):
 - transparency (RGBA, LA, PA, palette with a transparent colour) is composited on white, the usual
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageColor, ImageOps
 
 from stylenat._system import atomic_path
-from stylenat.errors import ConfigError, DataError
+from stylenat._size import as_shape, parse_size
+from stylenat.errors import ConfigError
 
 FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
@@ -84,33 +86,86 @@ def decode_image(data: bytes) -> Image.Image:
         return to_rgb(upright)
 
 
-def square_resize(img: Image.Image, size: int, filter: str = "lanczos", crop: str = "center") -> Image.Image:
-    """Make `img` a `size` x `size` image.
+def parse_fill(fill) -> tuple[int, int, int]:
+    """An RGB fill colour from a name Pillow's ImageColor knows ("black", "white", "gray", ...),
+    "#rrggbb" (or any other form ImageColor reads), or an (r, g, b) triple; ConfigError otherwise."""
+    if isinstance(fill, (tuple, list)) and len(fill) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in fill):
+        return tuple(fill)
+    try:
+        return ImageColor.getcolor(str(fill), "RGB")
+    except ValueError:
+        raise ConfigError(f"fill: unknown colour {fill!r}; give a colour name (black, white, gray, ...) or #rrggbb") from None
 
-    img: RGB Pillow image; size: output side in pixels; filter: one of FILTERS; crop: "center" cuts
-    the largest centred square first, "none" requires the image to be square already (ValueError
-    otherwise, so non-square inputs are reported rather than stretched).
+
+def fill_text(fill) -> str:
+    """An RGB fill colour as "#rrggbb" (as dataset.json stores it)."""
+    return "#{:02x}{:02x}{:02x}".format(*parse_fill(fill))
+
+
+def crop_box(width: int, height: int, size) -> tuple[int, int, int, int]:
+    """The largest centred region of a width x height image with the aspect of ``size`` (an int
+    square or (h, w)), as a Pillow box (left, top, right, bottom); the whole image if it has it."""
+    th, tw = as_shape(size)
+    if width * th >= height * tw:  # wider than the target (or as wide): keep the height
+        cw, ch = max(1, min(width, (2 * height * tw + th) // (2 * th))), height
+    else:
+        cw, ch = width, max(1, min(height, (2 * width * th + tw) // (2 * tw)))
+    left, top = (width - cw) // 2, (height - ch) // 2
+    return left, top, left + cw, top + ch
+
+
+def fit_box(width: int, height: int, size) -> tuple[int, int, int, int]:
+    """Where a width x height image goes, resized to fit inside ``size`` (an int square or (h, w))
+    with its aspect kept and centred: (left, top, right, bottom) on the target canvas."""
+    th, tw = as_shape(size)
+    if width * th >= height * tw:  # wider than the target (or as wide): it fills the width
+        nw, nh = tw, max(1, min(th, (2 * height * tw + width) // (2 * width)))
+    else:
+        nw, nh = max(1, min(tw, (2 * width * th + height) // (2 * height))), th
+    left, top = (tw - nw) // 2, (th - nh) // 2
+    return left, top, left + nw, top + nh
+
+
+def resize_image(img: Image.Image, size, filter: str = "lanczos", crop: str = "center",
+                 fill="black") -> Image.Image:
+    """Make `img` an image of `size`: an int for a square, else (height, width).
+
+    img: RGB Pillow image; filter: one of FILTERS; crop: "center" cuts the largest centred region of
+    the target's aspect (see crop_box) and resizes it, "none" resizes the whole image to fit inside
+    the target and pads it, centred, with `fill` (a letterbox, as StyleGAN's LSUN Car 512x384;
+    see fit_box); fill: colour of the padding (see parse_fill). An image that already has the
+    target's aspect is just resized either way.
     """
+    th, tw = as_shape(size)
     w, h = img.size
-    if crop == "center" and w != h:
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-    elif crop == "none" and w != h:
-        raise DataError(f"not square ({w}x{h}); use crop 'center'")
-    if img.size != (size, size):
-        img = img.resize((size, size), FILTERS[filter])
+    if crop == "center":
+        box = crop_box(w, h, (th, tw))
+        if box != (0, 0, w, h):
+            img = img.crop(box)
+    elif crop == "none":
+        box = fit_box(w, h, (th, tw))
+        if box != (0, 0, tw, th):
+            inner = img.resize((box[2] - box[0], box[3] - box[1]), FILTERS[filter])
+            img = Image.new("RGB", (tw, th), parse_fill(fill))
+            img.paste(inner, box[:2])
+            return img
+    else:
+        raise ConfigError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+    if img.size != (tw, th):
+        img = img.resize((tw, th), FILTERS[filter])
     return img
 
 
-def check_resize_options(size: int, filter: str, crop: str) -> None:
-    """Raise one clear ValueError for an impossible size, filter or crop setting."""
-    if not isinstance(size, int) or size < 1:
-        raise ConfigError(f"size must be a positive integer, got {size!r}")
+def check_resize_options(size, filter: str, crop: str, fill="black") -> int | tuple[int, int]:
+    """Raise one clear ConfigError for an impossible size, filter, crop or fill setting; returns the
+    size as an int (a square) or (height, width) (see stylenat._size.parse_size)."""
+    size = parse_size(size, "size")
     if filter not in FILTERS:
         raise ConfigError(f"unknown filter {filter!r}; choose one of {', '.join(FILTERS)}")
     if crop not in CROPS:
         raise ConfigError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+    parse_fill(fill)
+    return size
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

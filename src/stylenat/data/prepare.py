@@ -1,8 +1,10 @@
-"""The dataset tool: any folder or zip of images -> a clean folder or zip of square RGB PNGs.
+"""The dataset tool: any folder or zip of images -> a clean folder or zip of RGB PNGs of one size.
 
 The output holds `00000000.png`, `00000001.png`, ... (sources in sorted relative-path order) and a
-`dataset.json` describing it (size, count, filter, crop, source, the source of every output and
-the files skipped with the reason). It is built under a temporary name beside DST and renamed into
+`dataset.json` describing it (size, count, filter, crop, fill, source, the source of every output
+and the files skipped with the reason). Its "size" is N for a square and [height, width] otherwise
+(read it with :func:`meta_size`); "fill" ("#rrggbb", the letterbox colour) is there when crop is
+"none". It is built under a temporary name beside DST and renamed into
 place at the end, so an interrupted run never leaves a DST that looks complete.
 """
 
@@ -24,8 +26,9 @@ from pathlib import Path
 
 from PIL import UnidentifiedImageError
 
-from stylenat.data.images import check_resize_options, decode_image, is_image_name, square_resize
+from stylenat.data.images import check_resize_options, decode_image, fill_text, is_image_name, parse_fill, resize_image
 from stylenat.data.labels import Labels, listed, read_dataset_json, read_labels
+from stylenat._size import parse_size
 from stylenat.data.sources import UNSAFE_REASON, FileSource
 from stylenat.errors import ConfigError, DataError
 
@@ -43,7 +46,7 @@ class PrepareReport:
     """What `prepare_dataset` did: where, how many images, and which files it skipped and why."""
 
     dst: Path
-    size: int
+    size: int | tuple[int, int]  # an int for a square, else (height, width)
     count: int
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative source name, reason)
     classes: list[str] = field(default_factory=list)  # class names of a labelled dataset
@@ -68,10 +71,10 @@ def _skip_reason(exc: Exception) -> str:
     return f"unreadable ({type(exc).__name__}: {exc})"
 
 
-def _convert(source: FileSource, size: int, filter: str, crop: str, name: str) -> tuple[bytes | None, str]:
-    """PNG bytes of source file `name` made square, or (None, why it was skipped)."""
+def _convert(source: FileSource, size, filter: str, crop: str, fill, name: str) -> tuple[bytes | None, str]:
+    """PNG bytes of source file `name` cropped or letterboxed to `size`, or (None, why it was skipped)."""
     try:
-        img = square_resize(decode_image(source.read(name)), size, filter, crop)
+        img = resize_image(decode_image(source.read(name)), size, filter, crop, fill)
     except Exception as exc:  # a bad file of any kind must be reported, not end the run
         return None, _skip_reason(exc)
     buf = io.BytesIO()
@@ -154,6 +157,11 @@ def prepared_meta(source: FileSource) -> dict | None:
     return meta if isinstance(meta, dict) and meta.get("format") == DATASET_FORMAT else None
 
 
+def meta_size(source: FileSource, meta: dict) -> int | tuple[int, int]:
+    """The image size a prepared dataset's dataset.json states: an int for a square, else (height, width)."""
+    return parse_size(meta.get("size"), f"{source.path}/{DATASET_JSON} 'size'")
+
+
 def _source_labels(source: FileSource, images: list[str], spec) -> Labels | None:
     """Labels of the source's image files; a dataset made by this tool keeps its own."""
     meta = prepared_meta(source) if spec is None else None
@@ -174,15 +182,17 @@ def _source_labels(source: FileSource, images: list[str], spec) -> Labels | None
     return read_labels(source, images, spec)
 
 
-def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size: int, filter: str = "lanczos",
-                    crop: str = "center", *, labels: str | os.PathLike | None = None, workers: int = 1,
+def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size, filter: str = "lanczos",
+                    crop: str = "center", *, fill="black", labels: str | os.PathLike | None = None, workers: int = 1,
                     progress: bool = True) -> PrepareReport:
-    """Convert every image under `src` into a `size` x `size` RGB PNG dataset at `dst`.
+    """Convert every image under `src` into an RGB PNG dataset of one size at `dst`.
 
     src: folder (searched recursively) or zip of images in any format Pillow reads;
     dst: output folder, or a zip file when it ends in ".zip"; must not exist yet;
-    size: output side in pixels; filter: resampling filter, "lanczos", "box" or "bicubic";
-    crop: "center" (largest centred square) or "none" (non-square images are skipped);
+    size: N (a square), "WIDTHxHEIGHT" or (height, width); filter: resampling filter, "lanczos",
+    "box" or "bicubic"; crop: "center" (the largest centred region of the target's aspect, resized)
+    or "none" (the whole image resized to fit inside, padded centred with `fill`: a letterbox);
+    fill: the padding colour of crop "none", a colour name Pillow knows or "#rrggbb";
     labels: class labels (see stylenat.data.labels): None reads StyleGAN's dataset.json in `src` when
     there is one, "folders" takes one class per first-level folder, "none" ignores labels, anything
     else is a CSV file with the columns path,label; the output stores them with the class names;
@@ -190,7 +200,8 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size: int, f
     Files that are not images or fail to decode, and zip entries whose names point outside the
     archive (never extracted: outputs are named by index), are skipped and listed in the report.
     """
-    check_resize_options(size, filter, crop)
+    size = check_resize_options(size, filter, crop, fill)
+    fill = parse_fill(fill)
     source = FileSource(src)
     label_file = Path(labels).resolve() if labels not in (None, "folders", "none") else None
     names = [n for n in source.names if n != DATASET_JSON and
@@ -205,7 +216,7 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size: int, f
     label_of = dict(zip(images, found.labels)) if found is not None else {}
     dst.parent.mkdir(parents=True, exist_ok=True)
 
-    convert = functools.partial(_convert, source, size, filter, crop)
+    convert = functools.partial(_convert, source, size, filter, crop, fill)
     report = PrepareReport(dst=dst, size=size, count=0, skipped=[(n, UNSAFE_REASON) for n in source.unsafe])
     sources, digest = [], hashlib.sha1()
     ticker = _Progress(len(names), progress)
@@ -226,9 +237,10 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, size: int, f
             raise DataError(f"no images found in {source.path} "
                             f"({listed([f'{n}: {r}' for n, r in report.skipped], 'files skipped', limit=3)})")
         meta = {
-            "format": DATASET_FORMAT, "version": 1, "size": size, "count": report.count,
-            "filter": filter, "crop": crop, "source": str(source.path.resolve()),
-            "content_sha1": digest.hexdigest(), "sources": sources,
+            "format": DATASET_FORMAT, "version": 1, "size": size if isinstance(size, int) else list(size),
+            "count": report.count, "filter": filter, "crop": crop,
+            **({"fill": fill_text(fill)} if crop == "none" else {}),  # the letterbox colour
+            "source": str(source.path.resolve()), "content_sha1": digest.hexdigest(), "sources": sources,
             "skipped": [{"file": n, "reason": r} for n, r in report.skipped],
         }
         if found is not None:

@@ -14,15 +14,15 @@ config's ``resolution`` is an int for a square, else ``[height, width]``.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from stylenat._config import JsonConfig, param
+from stylenat._size import as_shape, model_base, parse_size, size_flag, size_text
 from stylenat.errors import ConfigError
 
 __all__ = ["GeneratorConfig", "DiscriminatorConfig", "PRESETS", "FAMILIES", "FAMILY_RESOLUTIONS", "FAMILY_STAGES",
            "SIZE_RULE", "family_advice", "get_preset", "stage_resolutions", "stage_shapes", "parse_size", "size_text",
-           "as_shape", "OFFICIAL_CBASE", "OFFICIAL_CMAX"]
+           "as_shape", "size_flag", "OFFICIAL_CBASE", "OFFICIAL_CMAX"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,62 +31,13 @@ SIZE_RULE = ("a model's width and height are bw * 2^s and bh * 2^s, its base map
              "side (4x4 for squares of a power of two; 4x2, 4x3, 6x4, ...)")
 
 
-def parse_size(value, where: str = "size") -> int | tuple[int, int]:
-    """A size as configs hold it: an int for a square, else (height, width).
-
-    Accepts an int, text ``"N"`` or ``"WxH"`` (width first, as image tools write it), or a
-    (height, width) pair; a square pair becomes its int. ConfigError names ``where`` otherwise.
-    """
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if re.fullmatch(r"\d+", text):
-            value = int(text)
-        elif match := re.fullmatch(r"(\d+)\s*[x×]\s*(\d+)", text):
-            value = (int(match.group(2)), int(match.group(1)))
-        else:
-            raise ConfigError(f"{where}: cannot read {value!r}; give N (a square) or WIDTHxHEIGHT, e.g. 256 or 512x384")
-    if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
-        raise ConfigError(f"{where} must be N or WIDTHxHEIGHT, got {value!r}")
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{where} must be an int or a [height, width] pair, got {value!r}")
-        h, w = value
-        value = h if h == w else (h, w)
-    if min(as_shape(value)) < 1:
-        raise ConfigError(f"{where} must be positive, got {size_text(value)}")
-    return value
-
-
-def as_shape(resolution) -> tuple[int, int]:
-    """(height, width) of a config size (an int square or a (height, width) pair)."""
-    return (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
-
-
-def size_text(resolution) -> str:
-    """A config size as text: WIDTHxHEIGHT (``256x256``, ``512x384``)."""
-    h, w = as_shape(resolution)
-    return f"{w}x{h}"
-
-
-def _base(resolution) -> tuple[int, int, int] | None:
-    """(bh, bw, s) with the size = (bh * 2**s, bw * 2**s) and max(bh, bw) in 4..7; None if there is none."""
-    h, w = as_shape(resolution)
-    longer = max(h, w)
-    if longer < 4:
-        return None
-    s = longer.bit_length() - 3  # 2**s * 4 <= longer < 2**s * 8
-    if h % (1 << s) or w % (1 << s):
-        return None
-    return h >> s, w >> s, s
-
-
 def stage_shapes(resolution, *, min_stages: int = 2, max_stages: int | None = None) -> list[tuple[int, int]]:
     """The (height, width) of every synthesis stage, base first, image last.
 
     ConfigError naming the rule (:data:`SIZE_RULE`) and the nearest allowed sizes unless the size
     is one, with between ``min_stages`` and ``max_stages`` stages.
     """
-    base = _base(resolution) if isinstance(resolution, (int, tuple)) else None
+    base = model_base(resolution) if isinstance(resolution, (int, tuple)) else None
     stages = None if base is None else base[2] + 1
     if base is None or stages < min_stages or (max_stages is not None and stages > max_stages):
         if isinstance(resolution, (int, tuple)) and min(as_shape(resolution)) > 0:
@@ -453,11 +404,6 @@ def get_preset(name: str, resolution=None, *, cbase: int | None = None,
     return g, d
 
 
-def _flag(resolution) -> str:
-    """A size as --resolution / --size take it: N for a square, else WIDTHxHEIGHT."""
-    return str(resolution) if isinstance(resolution, int) else size_text(resolution)
-
-
 def family_advice(family: str, resolution) -> str:
     """What to train a model of ``resolution`` with: the family at that size where it exists, else
     the allowed sizes nearest to it (never advice that would be refused)."""
@@ -465,8 +411,8 @@ def family_advice(family: str, resolution) -> str:
     try:
         stage_shapes(resolution, min_stages=FAMILY_STAGES[0], max_stages=FAMILY_STAGES[1])
     except ConfigError:
-        near = " or ".join(_flag(n) for n in nearest_sizes(resolution, *FAMILY_STAGES))
+        near = " or ".join(size_flag(n) for n in nearest_sizes(resolution, *FAMILY_STAGES))
         return (f"no preset is {size_text(resolution)}: {SIZE_RULE}, in {FAMILY_STAGES[0]}..{FAMILY_STAGES[1]} "
                 f"stages (nearest: {near}; stylenat prepare SRC DST --size {'N' if isinstance(resolution, int) else 'WxH'} "
                 "resizes the data)")
-    return f"for {size_text(resolution)} use --preset {family} --resolution {_flag(resolution)}"
+    return f"for {size_text(resolution)} use --preset {family} --resolution {size_flag(resolution)}"
