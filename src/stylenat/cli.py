@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from stylenat._size import parse_size
 from stylenat.errors import ConfigError, UserError
 
 
@@ -35,6 +36,14 @@ def parse_ints(text: str, name: str = "value") -> list[int]:
     except ValueError:
         raise ConfigError(f"{name}: cannot read {text!r}; use a list like 0-63, 1,5,9 or 0-3,10") from None
     return out
+
+
+def _size_flag(text: str):
+    """An image size option: N (a square) or WIDTHxHEIGHT, as models hold it (an int or (height, width))."""
+    try:
+        return parse_size(text, "size")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -61,8 +70,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from stylenat.data import prepare_dataset
 
-    report = prepare_dataset(args.src, args.dst, args.size, filter=args.filter, crop=args.crop, labels=args.labels,
-                             workers=args.workers)
+    report = prepare_dataset(args.src, args.dst, args.size, filter=args.filter, crop=args.crop, fill=args.fill,
+                             labels=args.labels, workers=args.workers)
     print(f"stylenat prepare: {report.summary()}")
     return 0
 
@@ -166,7 +175,7 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
     d = modules.get("d")
     save_model(args.out, modules, g.config, None if d is None else d.config,
                extra={"source": str(args.checkpoint), "official_meta": meta})
-    print(f"wrote {args.out} ({', '.join(modules)}; {g.resolution}x{g.resolution})")
+    print(f"wrote {args.out} ({', '.join(modules)}; {g.config.size_text})")
     return 0
 
 
@@ -179,7 +188,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
             cached = "yes" if cached_model(name) is not None else "no"
         except UserError:  # a damaged cache entry is listed, not fatal
             cached = "damaged"
-        res = f"{e.resolution}x{e.resolution}" if e.resolution else "-"
+        res = e.size_text or "-"
         fid = f"{e.fid:.3f}" if e.fid is not None else "-"
         size = f"{e.size / 2**20:.0f} MiB" if e.size else "-"
         print(f"{name:<12} {res:>9} {fid:>7} {size:>9} {cached:<7} {e.license or '-':<8} {e.description or e.urls[0]}")
@@ -581,13 +590,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the version, the device and the usable attention backends")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("prepare", help="turn a folder or zip of images into a square RGB PNG dataset")
+    p = sub.add_parser("prepare", help="turn a folder or zip of images into an RGB PNG dataset of one size")
     p.add_argument("src", help="folder (searched recursively) or zip of images")
     p.add_argument("dst", help="output folder, or a zip file if it ends in .zip; must not exist")
-    p.add_argument("--size", type=int, required=True, help="output side in pixels")
+    p.add_argument("--size", required=True, metavar="N|WxH",
+                   help="output size: N (a square) or WIDTHxHEIGHT, e.g. 256 or 512x384")
     p.add_argument("--filter", default="lanczos", choices=["lanczos", "box", "bicubic"], help="resampling filter")
     p.add_argument("--crop", default="center", choices=["center", "none"],
-                   help="center: cut the largest centred square; none: skip non-square images")
+                   help="center: cut the largest centred region of the output's aspect; none: fit the whole image "
+                        "inside and pad it (a letterbox)")
+    p.add_argument("--fill", default="black", metavar="COLOUR",
+                   help="padding colour of --crop none: a name (black, white, gray, ...) or #rrggbb (default black)")
     p.add_argument("--labels", metavar="folders|none|FILE.csv",
                    help="class labels: folders (one class per first-level folder, named after it), a CSV file with "
                         "columns path,label (labels are class names), or none; default: StyleGAN's dataset.json in SRC "
@@ -610,8 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "or hf://OWNER/REPO; or an image folder/zip")
         p.add_argument("real", metavar="REAL_FOLDER_OR_ZIP", help="real images: folder or zip (raw or prepared), or demo")
         p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth (default: $STYLENAT_INCEPTION, then the cache dir)")
-        p.add_argument("--resolution", type=int, help="side both sets are read at (default: the model's; needed for two image "
-                                                      "sets); a model's images at another size are Lanczos-resized to it")
+        p.add_argument("--resolution", type=_size_flag, metavar="N|WxH",
+                       help="size both sets are read at (default: the model's; needed for two image sets); a model's "
+                            "images at another size are Lanczos-resized to it")
         p.add_argument("--batch", type=int, default=32, help="images per forward (default 32)")
         p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
         p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default 0: in the main process)")
@@ -776,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolutions", help="stages to show, e.g. 16,32 (default all)")
     p.add_argument("--trunc", type=float, default=1.0, help="truncation psi (default 1: none)")
     class_arg(p)
-    p.add_argument("--cell", type=int, default=128, help="edge of each heat-map cell in pixels (default 128)")
+    p.add_argument("--cell", type=int, default=128, help="longer side of each heat-map cell in pixels; cells keep the image's aspect (default 128)")
     p.add_argument("--out", default="attention.png", help="output PNG (default attention.png)")
     p.set_defaults(func=_cmd_attention)
 
