@@ -1,6 +1,7 @@
 """Export: ONNX files run by onnxruntime and torch.export programs give the pixels PyTorch gives
 (within one level) for the same seeds and two psi values, z or ws in, for tiny, a narrow ffhq-family
-model at 64 (class-conditional) and ffhq256 (slow); metadata, errors and the CLI."""
+model at 64 (class-conditional), one at 32x16 (32 wide, 16 high) and ffhq256 (slow); metadata, errors
+and the CLI."""
 
 from __future__ import annotations
 
@@ -69,6 +70,12 @@ def family64():
     return _trained_like(build_generator(cfg))
 
 
+@pytest.fixture(scope="module")
+def rect():
+    """The ffhq family at 32x16 (32 wide, 16 high; stages 4x2 .. 32x16, kernels such as 4x7), narrowed."""
+    return _trained_like(build_generator(get_preset("ffhq", "32x16", cbase=512, cmax=32)[0]))
+
+
 def _export_job(model: str, out: str, input: str):
     """In a worker process: export a saved model (one thread: the workers share the two cores)."""
     torch.set_num_threads(1)
@@ -76,11 +83,11 @@ def _export_job(model: str, out: str, input: str):
 
 
 @pytest.fixture(scope="module")
-def onnx_files(tiny, micro, family64, tmp_path_factory):
-    """The three ONNX exports of this module, made side by side in worker processes (each export is
+def onnx_files(tiny, micro, family64, rect, tmp_path_factory):
+    """The four ONNX exports of this module, made side by side in worker processes (each export is
     mostly single-threaded tracing, so two at once take little more than one)."""
     folder = tmp_path_factory.mktemp("export")
-    jobs = {"family64": (family64, "z"), "tiny": (tiny, "z"), "micro_w": (micro, "w")}
+    jobs = {"family64": (family64, "z"), "tiny": (tiny, "z"), "micro_w": (micro, "w"), "rect": (rect, "z")}
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {}
         for name, (g, input) in jobs.items():
@@ -123,6 +130,7 @@ def test_onnx_metadata_and_signature(tiny, tiny_onnx):
     assert json.loads(meta["generator_config"]) == tiny.config.to_dict()
     assert meta["input"] == "z" and meta["opset"] == "18" and meta["format"] == "stylenat-export/1"
     assert meta["stylenat_version"] and json.loads(meta["classes"]) == []
+    assert (meta["resolution"], meta["width"], meta["height"]) == ("32", "32", "32")  # a square: its side, as ever
     import onnx
 
     assert {o.domain or "ai.onnx": o.version for o in onnx.load(str(tiny_onnx)).opset_import}["ai.onnx"] == 18
@@ -148,6 +156,24 @@ def test_family64_class_conditional_onnx(family64, onnx_files):
     assert _max_diff(e.generate(SEEDS, 1.0, labels="cat"), e.generate(SEEDS, 1.0, labels="fox")) > 10
     with pytest.raises(ConfigError, match="unknown class 'owl'"):
         e.generate(SEEDS, 1.0, labels="owl")
+
+
+def test_a_rectangular_onnx_gives_pytorchs_pixels_at_its_width_and_height(rect, onnx_files):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_files["rect"]), providers=["CPUExecutionProvider"])
+    (out,) = session.get_outputs()
+    assert (out.name, out.type, out.shape) == ("images", "tensor(uint8)", ["batch", 3, 16, 32])  # [B, 3, H, W]
+    meta = session.get_modelmeta().custom_metadata_map
+    assert (meta["resolution"], meta["width"], meta["height"]) == ("32x16", "32", "16")
+    assert json.loads(meta["generator_config"])["resolution"] == [16, 32]
+    e = load_exported(onnx_files["rect"])
+    assert (e.resolution, e.shape, e.width, e.height) == ((16, 32), (16, 32), 32, 16)
+    for psi in PSIS:
+        got, want = e.generate(SEEDS, psi, batch=3), generate(rect, SEEDS, psi)
+        assert got.shape == want.shape == (4, 3, 16, 32)
+        assert _max_diff(got, want) <= 1
+    assert e.generate([]).shape == (0, 3, 16, 32)
 
 
 def test_w_input_renders_any_latents(micro, onnx_files):

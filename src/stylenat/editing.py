@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from stylenat._system import atomic_path
 from stylenat.errors import ConfigError, ModelFileError
 from stylenat.models import model_to_uint8
+from stylenat.models.config import as_shape
 from stylenat.models.latents import check_identity, model_identity, read_tagged_file
 
 __all__ = [
@@ -115,7 +116,7 @@ def edit(g: nn.Module, ws: Tensor, direction: Tensor, strengths: Sequence[float]
 
 
 def render(g: nn.Module, ws: Tensor, batch: int = 16) -> Tensor:
-    """Images of latents ws [..., num_ws, style_dim] -> uint8 [..., 3, S, S] on the CPU.
+    """Images of latents ws [..., num_ws, style_dim] -> uint8 [..., 3, H, W] on the CPU.
 
     Args:
         g: a stylenat generator, on the device it should run on.
@@ -132,13 +133,12 @@ def render(g: nn.Module, ws: Tensor, batch: int = 16) -> Tensor:
                       for i in range(0, len(flat), batch)]
     finally:
         g.train(was_training)
-    size = g.resolution
-    return torch.cat(images).reshape(*ws.shape[:-2], 3, size, size)
+    return torch.cat(images).reshape(*ws.shape[:-2], 3, *as_shape(g.resolution))
 
 
 def render_edits(g: nn.Module, ws: Tensor, direction: Tensor, strengths: Sequence[float] | Tensor,
                  layers: Sequence[int] | None = None, batch: int = 16) -> Tensor:
-    """Images of :func:`edit`: uint8 [..., T, 3, S, S] (arguments as there; batch as in render)."""
+    """Images of :func:`edit`: uint8 [..., T, 3, H, W] (arguments as there; batch as in render)."""
     return render(g, edit(g, ws, direction, strengths, layers), batch)
 
 

@@ -5,17 +5,19 @@ The exported graph is the whole sampling path, so a user needs nothing but the r
 
 * ``--input z`` (default): inputs ``z`` float32 [batch, style_dim], ``psi`` float32 scalar (the
   truncation, toward the mean w, or the class's mean w), and for a class-conditional model ``labels``
-  int64 [batch] (class indices); output ``images`` uint8 [batch, 3, H, W] (RGB), the pixels
-  ``stylenat generate`` writes (within one level: the graph's float arithmetic is reordered).
+  int64 [batch] (class indices); output ``images`` uint8 [batch, 3, H, W] (RGB; H and W the model's
+  height and width, 16 and 32 for a 32x16 model), the pixels ``stylenat generate`` writes (within
+  one level: the graph's float arithmetic is reordered).
 * ``--input w``: input ``ws`` float32 [batch, num_ws, style_dim] (projected or edited latents, as
   ``stylenat project`` and ``edit`` make them), output ``images`` as above.
 
-The batch is dynamic; the resolution is the model's. Attention runs on the tiled path (plain
-gathers, matmuls and a softmax; never the flex kernels, which no exporter can lower), with its
-index tables built before tracing so that they enter the graph as constants. The model's config,
-class names, input kind and the stylenat version go into the file's metadata (ONNX
-``metadata_props``; a ``stylenat.json`` extra file in a ``.pt2``). Seeds become z as in stylenat:
-``torch.randn(style_dim, generator=torch.Generator().manual_seed(seed))``.
+The batch is dynamic; the size (height and width) is the model's. Attention runs on the tiled path
+(plain gathers, matmuls and a softmax; never the flex kernels, which no exporter can lower), with
+its index tables built before tracing so that they enter the graph as constants. The model's
+config, class names, input kind, size and the stylenat version go into the file's metadata (ONNX
+``metadata_props``; a ``stylenat.json`` extra file in a ``.pt2``): ``resolution`` is the side of a
+square model ("256") or WIDTHxHEIGHT ("32x16"), ``width`` and ``height`` the output's W and H.
+Seeds become z as in stylenat: ``torch.randn(style_dim, generator=torch.Generator().manual_seed(seed))``.
 
 Not in the graph: ``truncation_cutoff`` (every ws index is truncated), style mixing (export ``w``
 and mix the latents), other resolutions, half precision, and the flex/CUDA-graph fast paths. The
@@ -66,7 +68,7 @@ MAX_LEVEL_DIFF = 1
 
 
 class ZToImages(nn.Module):
-    """z [B, D], psi [], (labels [B]) -> uint8 images [B, 3, S, S]: mapping, truncation, synthesis, pixels."""
+    """z [B, D], psi [], (labels [B]) -> uint8 images [B, 3, H, W]: mapping, truncation, synthesis, pixels."""
 
     def __init__(self, g: Generator):
         super().__init__()
@@ -80,7 +82,7 @@ class ZToImages(nn.Module):
 
 
 class WsToImages(nn.Module):
-    """ws [B, num_ws, D] -> uint8 images [B, 3, S, S]."""
+    """ws [B, num_ws, D] -> uint8 images [B, 3, H, W]."""
 
     def __init__(self, g: Generator):
         super().__init__()
@@ -108,7 +110,10 @@ def _metadata(g: Generator, fmt: str, input: str, opset: int | None) -> dict[str
     cfg = g.config
     return {"format": FORMAT_TAG, "stylenat_version": package_version(), "export_format": fmt, "input": input,
             "opset": "" if opset is None else str(opset), "generator_config": json.dumps(cfg.to_dict()),
-            "classes": json.dumps(list(cfg.classes)), "resolution": str(cfg.resolution), "num_ws": str(cfg.num_ws),
+            "classes": json.dumps(list(cfg.classes)), "num_ws": str(cfg.num_ws),
+            # A square's side as ever ("256"); a rectangle as WIDTHxHEIGHT ("32x16"); W and H apart too.
+            "resolution": str(cfg.resolution) if isinstance(cfg.resolution, int) else cfg.size_text,
+            "width": str(cfg.width), "height": str(cfg.height),
             "style_dim": str(cfg.style_dim), "images": "uint8 [batch, 3, H, W] RGB",
             "z": "z ~ N(0, I); stylenat's seed s: torch.randn(style_dim, generator=torch.Generator().manual_seed(s))"}
 
@@ -256,7 +261,9 @@ def is_exported(path: str | os.PathLike) -> bool:
 class ExportedGenerator:
     """An exported generator run by onnxruntime (``.onnx``) or as a loaded program (``.pt2``).
 
-    Attributes: ``config`` (GeneratorConfig), ``input`` ("z" or "w"), ``metadata`` (str -> str).
+    Attributes: ``config`` (GeneratorConfig), ``input`` ("z" or "w"), ``metadata`` (str -> str);
+    ``resolution`` (an int for a square, else (height, width), as the config's), ``shape`` (H, W),
+    ``height``, ``width``.
     """
 
     def __init__(self, path: str | os.PathLike, suffix: str | None = None, threads: int | None = None):
@@ -317,7 +324,7 @@ class ExportedGenerator:
         return metadata, run
 
     def __call__(self, z_or_ws: np.ndarray, psi: float = 1.0, labels: np.ndarray | None = None) -> np.ndarray:
-        """uint8 images [B, 3, S, S] of z (with psi, labels) or of ws, as the file's input kind says."""
+        """uint8 images [B, 3, H, W] of z (with psi, labels) or of ws, as the file's input kind says."""
         if self.input == "w":
             return self._run(np.ascontiguousarray(z_or_ws, dtype=np.float32))
         arrays = [np.ascontiguousarray(z_or_ws, dtype=np.float32), np.asarray(psi, dtype=np.float32)]
@@ -333,16 +340,17 @@ class ExportedGenerator:
         return self._run(*arrays)
 
     def generate(self, seeds: Sequence[int], truncation_psi: float = 1.0, labels=None, batch: int = 16) -> Tensor:
-        """uint8 [len(seeds), 3, S, S] for seeds, like :func:`stylenat.sampling.generate`."""
+        """uint8 [len(seeds), 3, H, W] for seeds, like :func:`stylenat.sampling.generate`."""
         if self.input != "z":
             raise ConfigError(f"{self.path} takes latents ws (exported with --input w), not seeds; export with "
                               "--input z to sample seeds")
+        if not len(seeds):
+            return torch.zeros(0, 3, *self.shape, dtype=torch.uint8)
         z = seeds_to_z(seeds, self.config.style_dim).numpy()
         c = class_indices(self, labels, len(z))
         out = [self(z[i:i + batch], truncation_psi, None if c is None else c[i:i + batch].numpy())
                for i in range(0, len(z), batch)]
-        return torch.from_numpy(np.concatenate(out)) if out else torch.zeros(0, 3, self.resolution, self.resolution,
-                                                                             dtype=torch.uint8)
+        return torch.from_numpy(np.concatenate(out))
 
     def synthesize(self, ws: Tensor) -> Tensor:
         """uint8 images of latents ws [N, num_ws, style_dim] (a file exported with --input w)."""
@@ -351,8 +359,22 @@ class ExportedGenerator:
         return torch.from_numpy(self(ws.detach().float().cpu().contiguous().numpy()))
 
     @property
-    def resolution(self) -> int:
+    def resolution(self) -> int | tuple[int, int]:
+        """The model's size as its config holds it: an int for a square, else (height, width)."""
         return self.config.resolution
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the images."""
+        return self.config.shape
+
+    @property
+    def height(self) -> int:
+        return self.config.height
+
+    @property
+    def width(self) -> int:
+        return self.config.width
 
     @property
     def num_ws(self) -> int:

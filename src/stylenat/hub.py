@@ -4,7 +4,8 @@ optional extra ``stylenat[hub]``: huggingface_hub).
 
 A folder holds what the Hub and its users expect::
 
-    config.json         {"format": "stylenat-hub/1", "library_name": "stylenat", "resolution", "num_classes",
+    config.json         {"format": "stylenat-hub/1", "library_name": "stylenat", "resolution" (an int for a
+                         square, else [height, width] as in GeneratorConfig), "num_classes",
                          "classes", "generator": GeneratorConfig, "discriminator": DiscriminatorConfig | null,
                          "modules", "parameters", "files": {"model.safetensors": {"sha256", "size"}}, ...}
     model.safetensors   a stylenat model file (self-describing; see stylenat.models.io)
@@ -26,6 +27,7 @@ from pathlib import Path
 from stylenat._download import offline
 from stylenat._system import atomic_path, file_sha256, package_version
 from stylenat.errors import ConfigError, DownloadError, MissingFileError, ModelFileError, UserError, first_line
+from stylenat.models.config import size_text
 from stylenat.models.io import MODEL_FILE, read_model_file, save_model
 from stylenat.registry import get_entry, is_registered
 
@@ -113,8 +115,9 @@ def _model_card(config: dict, description: str | None, name: str) -> str:
         front.append("pipeline_tag: unconditional-image-generation")
     front += ["tags:"] + [f"- {t}" for t in tags] + ["---"]
     counts = config["parameters"]
+    size = size_text(config["resolution"])  # WIDTHxHEIGHT: "256x256", "512x384"
     lines = front + ["", f"# {name}", "",
-                     description or f"A StyleNAT generator ({config['resolution']}x{config['resolution']}).", "",
+                     description or f"A StyleNAT generator ({size}).", "",
                      "StyleNAT (arXiv 2211.05770) is a style-based GAN whose generator is a transformer of Hydra "
                      "neighborhood attention. This folder was written by "
                      f"[stylenat](https://pypi.org/project/stylenat/) {config['stylenat_version']}.", "",
@@ -122,7 +125,7 @@ def _model_card(config: dict, description: str | None, name: str) -> str:
                      f"stylenat generate hf://OWNER/{name} --seeds 0-7 --out samples/", "```", "",
                      "```python", "import torch", "import stylenat", "", f'g = stylenat.load("hf://OWNER/{name}")  # or a local copy of this folder',
                      "images = g(torch.randn(4, g.config.style_dim))", "```", "",
-                     "## Model", "", "| | |", "|---|---|", f"| resolution | {config['resolution']}x{config['resolution']} |",
+                     "## Model", "", "| | |", "|---|---|", f"| resolution | {size} |",
                      f"| classes | {', '.join(config['classes']) if config['classes'] else 'none (unconditional)'} |",
                      f"| style (z, w) size | {g['style_dim']} |", f"| mapping layers | {g['n_mlp']} |",
                      f"| channels per stage | {', '.join(map(str, g['channels']))} |",

@@ -18,7 +18,8 @@ any other: it carries the class, and the synthesis network renders it without a 
 
 Perceptual distances ("distance" argument):
 - "lpips": LPIPS v0.1 VGG16 (:mod:`stylenat.metrics.lpips`); its two weights files must be on disk
-  (never downloaded). Images above 256 pixels are area-downsampled to 256 first, like StyleGAN2.
+  (never downloaded). Images above 256 pixels are area-downsampled to 256 first, like StyleGAN2
+  (a rectangle's longer side to 256, its aspect kept: VGG's features work on any H x W).
 - "pyramid": a fixed multi-scale structural distance that needs no weights (:class:`PyramidDistance`),
   the fallback: the discriminator is not always at hand and its features move with training, so
   the fallback does not depend on any network.
@@ -48,6 +49,7 @@ from stylenat._system import atomic_path
 from stylenat.errors import ConfigError, DataError, MissingFileError, first_line
 from stylenat.metrics.lpips import LPIPS, load_lpips, lpips_available, model_to_lpips, uint8_to_lpips
 from stylenat.models import model_to_uint8
+from stylenat.models.config import as_shape, parse_size, size_text
 from stylenat.models.latents import SPACES, load_latent, save_latent
 
 __all__ = [
@@ -120,8 +122,12 @@ class PyramidDistance(nn.Module):
 
 
 def _lpips_input(images: Tensor) -> Tensor:
-    if images.shape[-1] > LPIPS_MAX_SIZE:
-        return F.interpolate(images, size=(LPIPS_MAX_SIZE, LPIPS_MAX_SIZE), mode="area")
+    """Images [B, 3, H, W] with the longer side area-downsampled to LPIPS_MAX_SIZE when above it (aspect kept)."""
+    h, w = images.shape[-2:]
+    longer = max(h, w)
+    if longer > LPIPS_MAX_SIZE:
+        size = (max(1, round(h * LPIPS_MAX_SIZE / longer)), max(1, round(w * LPIPS_MAX_SIZE / longer)))
+        return F.interpolate(images, size=size, mode="area")
     return images
 
 
@@ -141,23 +147,26 @@ def _choose_distance(distance: str, lpips: nn.Module | None, device) -> tuple[nn
 # ---- targets ----------------------------------------------------------------------------------
 
 
-def load_target(source, resolution: int) -> Tensor:
-    """A target as uint8 [3, resolution, resolution], cropped and resized like ``stylenat prepare``.
+def load_target(source, resolution) -> Tensor:
+    """A target as uint8 [3, H, W], cropped and resized like ``stylenat prepare``.
 
     Args:
-        source: uint8 tensor [3, S, S] (used as it is; S must equal resolution), a PIL image, or an
-            image file path (decoded, EXIF-rotated and converted to RGB, centre-cropped to a square,
-            Lanczos-resized).
-        resolution: the generator's image edge in pixels.
+        source: uint8 tensor [3, H, W] (used as it is; it must have the model's size), a PIL image,
+            or an image file path (decoded, EXIF-rotated and converted to RGB, centre-cropped to
+            the largest region of the model's aspect, a square for a square model, then
+            Lanczos-resized to W x H).
+        resolution: the generator's image size, ``g.resolution``: an int for a square, else
+            (height, width) (or WIDTHxHEIGHT text).
     """
     from PIL import Image
 
-    from stylenat.data.images import decode_image, pil_to_tensor, square_resize, to_rgb
+    from stylenat.data.images import decode_image, pil_to_tensor, resize_image, to_rgb
 
+    resolution = parse_size(resolution, "resolution")
     if isinstance(source, Tensor):
         return _check_tensor_target(source, resolution)
     if isinstance(source, Image.Image):
-        return pil_to_tensor(square_resize(to_rgb(source), resolution))
+        return pil_to_tensor(resize_image(to_rgb(source), resolution))
     path = Path(source)
     if not path.is_file():
         raise MissingFileError(f"target image {path} does not exist")
@@ -166,7 +175,7 @@ def load_target(source, resolution: int) -> Tensor:
     except Exception as exc:  # Pillow raises many types for foreign, truncated or corrupt files
         raise DataError(f"{path} is not a readable image ({type(exc).__name__}: {_without_reprs(first_line(exc))}); "
                         "use a PNG, JPEG or another format Pillow reads") from None
-    return pil_to_tensor(square_resize(img, resolution))
+    return pil_to_tensor(resize_image(img, resolution))
 
 
 def _without_reprs(text: str) -> str:
@@ -194,11 +203,13 @@ def target_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _check_tensor_target(x: Tensor, resolution: int) -> Tensor:
+def _check_tensor_target(x: Tensor, resolution) -> Tensor:
+    h, w = as_shape(resolution)
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
-    if x.dtype != torch.uint8 or x.shape != (3, resolution, resolution):
-        raise DataError(f"a target tensor must be uint8 [3, {resolution}, {resolution}] for this model, got "
+    if x.dtype != torch.uint8 or x.shape != (3, h, w):
+        wide = "" if h == w else f" ({size_text(resolution)}: height {h}, width {w})"
+        raise DataError(f"a target tensor must be uint8 [3, {h}, {w}]{wide} for this model, got "
                         f"{x.dtype} {list(x.shape)}; pass the image file or a PIL image to have it cropped and resized")
     return x.cpu()
 
@@ -214,12 +225,12 @@ class ProjectionResult:
         latent: w [style_dim] (space "w") or ws [num_ws, style_dim] (space "w+"), float32, CPU.
         space: "w" or "w+".
         num_ws: latents the generator reads (for :attr:`ws`).
-        image: the latent's image, uint8 [3, S, S].
-        target: the target as it was compared, uint8 [3, S, S].
+        image: the latent's image, uint8 [3, H, W].
+        target: the target as it was compared, uint8 [3, H, W].
         losses: per step, "total", "perceptual" and "pixel" (MSE in [-1, 1]), float tensors [steps].
         psnr: PSNR of image vs target on uint8 pixels, in dB (inf when identical).
         distance: the perceptual distance used, "lpips-vgg16" or "laplacian-pyramid".
-        frames: images of the latent after every ``record_every`` steps, uint8 [F, 3, S, S], or None.
+        frames: images of the latent after every ``record_every`` steps, uint8 [F, 3, H, W], or None.
         frame_steps: the step (1-based) of each frame.
         label: the class index the projection used (class-conditional models), else None.
     """
@@ -357,7 +368,7 @@ def project(
 
     Args:
         g: a stylenat generator, on the device to run on (its weights are not changed).
-        target: uint8 tensor [3, S, S], a PIL image or an image path (see :func:`load_target`).
+        target: uint8 tensor [3, H, W], a PIL image or an image path (see :func:`load_target`).
         label: class-conditional models: the target's class (index or name), required; the start
             point and noise scale are that class's (see the module docstring). None otherwise.
         steps: optimisation steps.
@@ -413,7 +424,7 @@ def _check_stats(g: nn.Module, stats) -> tuple[Tensor, float]:
 
 
 def _render(g: nn.Module, latent: Tensor) -> Tensor:
-    """latent [1, 1 or num_ws, D] -> uint8 [3, S, S] on the CPU."""
+    """latent [1, 1 or num_ws, D] -> uint8 [3, H, W] on the CPU."""
     return model_to_uint8(g.synthesis(latent.expand(1, g.num_ws, -1)), g.config)[0].cpu()
 
 
@@ -459,7 +470,7 @@ def save_projection(result: ProjectionResult, folder: str | os.PathLike, g: nn.M
     """Write a projection's files into ``folder`` (created if needed); returns {kind: path}.
 
     Files: ``latent.safetensors`` (:func:`save_latent`), ``projected.png``, ``side_by_side.png``
-    (target | projection, 2S x S), ``losses.json`` (distance, space, PSNR, per-step loss curves) and,
+    (target | projection, 2W x H), ``losses.json`` (distance, space, PSNR, per-step loss curves) and,
     with ``video``, ``optimization.gif`` or ``.mp4``: the recorded frames beside the target.
 
     Args:
@@ -491,6 +502,6 @@ def save_projection(result: ProjectionResult, folder: str | os.PathLike, g: nn.M
     with atomic_path(files["losses"]) as tmp:
         Path(tmp).write_text(json.dumps(report, indent=1) + "\n")
     if video is not None:
-        beside = torch.cat([result.target.expand_as(result.frames), result.frames], dim=-1)  # [F, 3, S, 2S]
+        beside = torch.cat([result.target.expand_as(result.frames), result.frames], dim=-1)  # [F, 3, H, 2W]
         save_video(beside, files["video"], fps=fps)
     return files

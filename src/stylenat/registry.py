@@ -43,7 +43,7 @@ from pathlib import Path
 from stylenat._download import download, offline, offline_switches
 from stylenat._system import atomic_path, cache_dir, file_sha256, package_version
 from stylenat.errors import ConfigError, DownloadError, ModelFileError, UserError, first_line
-from stylenat.models.config import PRESETS
+from stylenat.models.config import PRESETS, parse_size, size_text
 from stylenat.models.io import MODEL_FILE, read_model_file, save_model
 
 __all__ = ["ModelEntry", "BUILTIN", "register", "unregister", "entries", "get_entry", "is_registered", "fetch",
@@ -67,7 +67,8 @@ class ModelEntry:
         size: the file's size in bytes when known.
         preset: for an official ``.pt``: the preset it was trained with (e.g. "ffhq256").
         meta: for an official ``.pt`` instead of ``preset``: its configuration in official terms.
-        resolution: image side in pixels, for the table.
+        resolution: the image size, for the table: an int (the side) for a square, else (height,
+            width); a registry file may also write it as "WIDTHxHEIGHT" or [height, width].
         fid: the FID its authors report, for the table and model cards.
         dataset: what it was trained on.
         license: a licence identifier for model cards (e.g. "mit", "other").
@@ -81,7 +82,7 @@ class ModelEntry:
     size: int | None = None
     preset: str | None = None
     meta: dict | None = field(default=None, hash=False)
-    resolution: int | None = None
+    resolution: int | tuple[int, int] | None = None
     fid: float | None = None
     dataset: str | None = None
     license: str | None = None
@@ -92,6 +93,11 @@ class ModelEntry:
     def filename(self) -> str:
         """The file's name (the last part of the first URL's path)."""
         return Path(urllib.parse.urlparse(self.urls[0]).path).name
+
+    @property
+    def size_text(self) -> str | None:
+        """The resolution as WIDTHxHEIGHT ("256x256", "512x384"), or None when unknown."""
+        return None if self.resolution is None else size_text(self.resolution)
 
     @property
     def official(self) -> bool:
@@ -117,11 +123,22 @@ BUILTIN: dict[str, ModelEntry] = {
 
 _registered: dict[str, ModelEntry] = {}
 # (field, accepted types, how the error says it) of the entry fields that are not checked on their own.
-_TYPES = (("size", (int,), "a positive whole number of bytes"), ("resolution", (int,), "a positive whole number"),
+_TYPES = (("size", (int,), "a positive whole number of bytes"),
           ("fid", (int, float), "a number"), ("preset", (str,), "a preset name"),
           ("dataset", (str,), "text"), ("license", (str,), "text"), ("license_note", (str,), "text"),
           ("description", (str,), "text"))
 _FIELDS = {f.name for f in dataclasses.fields(ModelEntry)} - {"name", "urls"}
+
+
+def _resolution(value, where: str) -> int | tuple[int, int] | None:
+    """An entry's resolution: None, a positive int, or a rectangle as (height, width) from "WxH" or [h, w]."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value, "resolution")
+    except ConfigError:
+        raise ConfigError(f"{where}: resolution must be a positive whole number (a square's side) or WIDTHxHEIGHT, "
+                          f"got {value!r}") from None
 
 
 def _entry(name: str, fields: dict, where: str) -> ModelEntry:
@@ -150,6 +167,7 @@ def _entry(name: str, fields: dict, where: str) -> ModelEntry:
         if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)
                                   or (kinds == (int,) and value < 1)):
             raise ConfigError(f"{where}: entry {name!r}: {key} must be {what}, got {value!r}")
+    fields = {**fields, "resolution": _resolution(fields.get("resolution"), f"{where}: entry {name!r}")}
     entry = ModelEntry(name, tuple(urls), **{k: v for k, v in fields.items() if k in _FIELDS})
     entry = dataclasses.replace(entry, sha256=None if sha is None else sha.lower())
     if entry.official:

@@ -4,15 +4,16 @@ Style mixing and interpolation also take latents instead of seeds (e.g. found by
 :func:`stylenat.projection.project`): ws [N, num_ws, style_dim] or w [N, style_dim], used as they
 are (truncation applies to seeds only). Latents are mixed and interpolated per ws index.
 
-Every function takes a stylenat generator ``g`` and returns uint8 pixels ``[N, 3, S, S]`` on the
-CPU. A seed always gives the same latent (:func:`stylenat.models.seeds_to_z`), so a
-seed gives the same image here, in FID runs and in the CLI, whatever batch it is drawn in.
+Every function takes a stylenat generator ``g`` and returns uint8 pixels ``[N, 3, H, W]`` on the
+CPU (H x W: the model's image, ``g.shape``; H == W for a square model). A seed always gives the
+same latent (:func:`stylenat.models.seeds_to_z`), so a seed gives the same image here, in FID
+runs and in the CLI, whatever batch it is drawn in.
 
 Style mixing convention (StyleGAN2's ``style_mixing.py``): cell (row r, column c) of the grid
 takes every latent of row seed r, except the ws indices in ``layers``, which come from column
-seed c. ws index 2s + j feeds block j of the stage at resolution 4 * 2**s, so low indices
-("0-3": the 4x4 and 8x8 stages) carry coarse structure (pose, layout) and high ones the fine
-detail (texture, colour).
+seed c. ws index 2s + j feeds block j of stage s (the 4x4 base of a square at s = 0, then
+8x8, ...; a rectangle's base map is e.g. 4x2), so low indices ("0-3": the 4x4 and 8x8 stages)
+carry coarse structure (pose, layout) and high ones the fine detail (texture, colour).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from stylenat.errors import ConfigError
 from stylenat.models import seeds_to_z
+from stylenat.models.config import as_shape, size_text
 
 __all__ = [
     "class_index",
@@ -64,7 +66,7 @@ def _device_of(g) -> torch.device:
 
 
 def synthesize(g: nn.Module, ws: Tensor, batch: int = 16) -> Tensor:
-    """ws [N, num_ws, style_dim] (or w [N, style_dim], broadcast) -> uint8 [N, 3, S, S] on the CPU."""
+    """ws [N, num_ws, style_dim] (or w [N, style_dim], broadcast) -> uint8 [N, 3, H, W] on the CPU."""
     from stylenat.models import model_to_uint8
 
     if ws.ndim == 2:
@@ -72,7 +74,7 @@ def synthesize(g: nn.Module, ws: Tensor, batch: int = 16) -> Tensor:
     dev = _device_of(g)
     with _eval_mode(g):
         out = [model_to_uint8(g.synthesis(ws[i:i + batch].to(dev)), g.config).cpu() for i in range(0, len(ws), batch)]
-    return torch.cat(out) if out else torch.zeros(0, 3, g.resolution, g.resolution, dtype=torch.uint8)
+    return torch.cat(out) if out else torch.zeros(0, 3, *as_shape(g.resolution), dtype=torch.uint8)
 
 
 def _plain_label(value) -> int | str:
@@ -164,7 +166,7 @@ def as_ws(g: nn.Module, sources: Sequence[int] | Tensor, truncation_psi: float =
 
 def generate(g: nn.Module, seeds: Sequence[int], truncation_psi: float = 1.0, batch: int = 16,
              labels: int | str | Sequence[int | str] | Tensor | None = None) -> Tensor:
-    """One image per seed: uint8 [len(seeds), 3, S, S].
+    """One image per seed: uint8 [len(seeds), 3, H, W].
 
     Args:
         g: a stylenat generator, on the device it should run on.
@@ -181,7 +183,7 @@ def generate(g: nn.Module, seeds: Sequence[int], truncation_psi: float = 1.0, ba
 def style_mix(g: nn.Module, row_seeds: Sequence[int] | Tensor, col_seeds: Sequence[int] | Tensor,
               layers: Sequence[int], truncation_psi: float = 1.0, batch: int = 16,
               labels: int | str | None = None) -> Tensor:
-    """Style-mixing grid: uint8 [R + 1, C + 1, 3, S, S] (convention in the module docstring).
+    """Style-mixing grid: uint8 [R + 1, C + 1, 3, H, W] (convention in the module docstring).
 
     Row 0 holds the column seeds' own images, column 0 the row seeds' own images, the corner is
     black; cell (1 + r, 1 + c) mixes row seed r with column seed c.
@@ -201,11 +203,11 @@ def style_mix(g: nn.Module, row_seeds: Sequence[int] | Tensor, col_seeds: Sequen
     ws = ws_rows[:, None].repeat(1, cols, 1, 1)  # [R, C, num_ws, D]
     idx = torch.tensor(sorted(set(layers)), device=ws.device)
     ws[:, :, idx] = ws_cols[None, :, idx]
-    size = g.resolution
-    grid = torch.zeros(rows + 1, cols + 1, 3, size, size, dtype=torch.uint8)
+    h, w = as_shape(g.resolution)
+    grid = torch.zeros(rows + 1, cols + 1, 3, h, w, dtype=torch.uint8)
     grid[0, 1:] = synthesize(g, ws_cols, batch)
     grid[1:, 0] = synthesize(g, ws_rows, batch)
-    grid[1:, 1:] = synthesize(g, ws.flatten(0, 1), batch).view(rows, cols, 3, size, size)
+    grid[1:, 1:] = synthesize(g, ws.flatten(0, 1), batch).view(rows, cols, 3, h, w)
     return grid
 
 
@@ -228,7 +230,7 @@ def _lerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
 
 def interpolate(g: nn.Module, seeds: Sequence[int] | Tensor, frames_per_seed: int, loop: bool = True,
                 space: str = "w", truncation_psi: float = 1.0, batch: int = 16, labels: int | str | None = None) -> Tensor:
-    """Frames of a walk through the seeds' latents: uint8 [F, 3, S, S].
+    """Frames of a walk through the seeds' latents: uint8 [F, 3, H, W].
 
     Args:
         g: a stylenat generator.
@@ -274,10 +276,16 @@ def save_video(frames: Tensor, path: str | Path, fps: float = 30, loop: bool = T
     """Write frames uint8 [F, 3, H, W] to a .gif (Pillow) or .mp4 (needs the ``video`` extra).
 
     path: output file, its suffix picks the format; fps: frames per second; loop: GIFs repeat
-    forever when True, play once otherwise.
+    forever when True, play once otherwise. Frames keep their W x H (any aspect); an .mp4 needs
+    even W and H (every model size has them), ConfigError otherwise.
     """
     import numpy as np
 
+    if frames.ndim != 4 or frames.shape[1] != 3 or frames.dtype != torch.uint8 or not len(frames):
+        raise ConfigError(f"a video needs uint8 frames [F, 3, H, W], got {frames.dtype} {list(frames.shape)}")
+    if Path(path).suffix.lower() == ".mp4" and (frames.shape[-1] % 2 or frames.shape[-2] % 2):
+        raise ConfigError(f"an .mp4 (H.264, yuv420p) needs an even width and height, the frames are "
+                          f"{size_text(tuple(frames.shape[-2:]))}; write a .gif")
     path = check_video_path(path)
     suffix = path.suffix.lower()
     arrays = frames.permute(0, 2, 3, 1).contiguous().numpy()
@@ -292,7 +300,7 @@ def save_video(frames: Tensor, path: str | Path, fps: float = 30, loop: bool = T
     else:
         import imageio.v2 as imageio
 
-        # libx264 wants even sides and yuv420p for players to accept it; our sides are powers of two.
+        # libx264 wants even sides (checked above) and yuv420p for players to accept it.
         with imageio.get_writer(path, fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1) as writer:
             for a in np.asarray(arrays):
                 writer.append_data(a)

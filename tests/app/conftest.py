@@ -28,3 +28,16 @@ def cond_g(g):
         torch.nn.init.normal_(p, std=0.3)
     cond.compute_class_w_avg(n=16)
     return cond
+
+
+@pytest.fixture(scope="session")
+def rect_g():
+    """A 32x16 generator (32 wide, 16 high; the ffhq family, narrowed), random weights with contrast."""
+    from stylenat.models import get_preset
+
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        rect = build_generator(get_preset("ffhq", "32x16", cbase=512, cmax=32)[0]).eval()
+        for p in rect.synthesis.to_rgbs.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    return rect

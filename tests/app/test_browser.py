@@ -255,3 +255,35 @@ def test_projection_on_a_conditional_model_uses_the_chosen_class(cond_page, cond
     as_dog, as_cat = (project(cond_g, target, label=label, steps=8) for label in ("dog", "cat"))
     assert not torch.equal(as_dog.image, as_cat.image)
     assert torch.equal(pixels(page.get_attribute("#project-image", "src")), as_dog.image)
+
+
+@pytest.fixture(scope="module")
+def rect_server(rect_g):
+    with BackgroundServer(Explorer(rect_g)) as running:
+        yield running
+
+
+def test_a_rectangular_model_is_shown_at_its_aspect_and_clicked_per_axis(browser, rect_server, rect_g):
+    """32 wide, 16 high: the image shows twice as wide as high, and a click maps x over the width
+    and y over the height on their own."""
+    for page in open_page(browser, rect_server):
+        assert page.inner_text("#model-info").startswith("32×16, 8 latents, stages 4×2/8×4/16×8/32×16")
+        assert torch.equal(pixels(page.get_attribute("#image", "src")), generate(rect_g, [0], truncation_psi=0.7)[0])
+        box = page.locator("#image").bounding_box()
+        assert (box["width"], box["height"]) == (256, 128)
+        # (x 200, y 40) of a 256x128 picture is pixel (40 * 16 // 128, 200 * 32 // 256) = (5, 25).
+        page.uncheck("#stages input[value='4']")
+        page.uncheck("#stages input[value='8']")
+        page.click("#image", position={"x": 200, "y": 40})
+        rows = page.locator(".attn-row")
+        sync_api.expect(rows).to_have_count(4)
+        assert "16×8 block 0: query (2, 12)" in rows.nth(0).inner_text()
+        assert "32×16 block 0: query (5, 25)" in rows.nth(2).inner_text()
+        cell = rows.nth(2).locator("img").nth(1).bounding_box()
+        assert cell["width"] == 2 * cell["height"]
+        page.fill("#grid-rows", "1")
+        page.fill("#grid-cols", "2")
+        page.click("#grid-show")
+        sync_api.expect(page.locator("#grid img")).to_have_count(2)
+        grid_img = page.locator("#grid img").nth(0).bounding_box()
+        assert grid_img["width"] == 2 * grid_img["height"]

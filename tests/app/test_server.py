@@ -561,3 +561,47 @@ def test_serve_on_a_taken_port_is_a_one_line_error(model_file, server, capsys):
     assert main(["serve", str(model_file), "--device", "cpu", "--port", port]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"stylenat serve: error: cannot listen on 127.0.0.1:{port}") and "\n" not in err
+
+
+# ---- a rectangular model ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rect_server(rect_g):
+    with BackgroundServer(Explorer(rect_g)) as running:
+        yield running
+
+
+def test_a_rectangular_model_is_served_at_its_width_and_height(rect_server, rect_g):
+    """32 wide, 16 high: the PNGs are 32x16 (not squares), the JSON names width and height, and a
+    pixel is [y, x] with y over the 16 rows and x over the 32 columns."""
+    status, info = call(rect_server, "/api/info")
+    assert status == 200
+    assert (info["resolution"], info["width"], info["height"]) == ([16, 32], 32, 16)
+    assert [(s["width"], s["height"]) for s in info["stages"]] == [(4, 2), (8, 4), (16, 8), (32, 16)]
+    assert info["stages"][1]["resolution"] == [4, 8] and info["stages"][1]["kernels"] == [[4, 7], [4, 7]]
+    status, answer = call(rect_server, "/api/image", {"latent": {"seed": 3}, "psi": 0.7})
+    assert status == 200
+    png = base64.b64decode(answer["image"].split(",", 1)[1])
+    assert Image.open(io.BytesIO(png)).size == (32, 16)  # PIL: (width, height)
+    assert torch.equal(pixels(answer["image"]), generate(rect_g, [3], 0.7)[0])
+    _, grid = call(rect_server, "/api/grid", {"seed": 5, "count": 3})
+    assert torch.equal(torch.stack([pixels(x) for x in grid["images"]]), generate(rect_g, range(5, 8)))
+    # Row 15, column 30 exists (a square of side 16 would refuse x = 30, one of side 32 would take y = 20).
+    status, attn = call(rect_server, "/api/attention", {"seed": 0, "pixel": [15, 30], "resolutions": [32, "16x8"]})
+    assert status == 200, attn
+    rows = attn["rows"]
+    assert [(r["width"], r["height"], r["block"]) for r in rows] == [(16, 8, 0), (16, 8, 1), (32, 16, 0), (32, 16, 1)]
+    assert rows[0]["query"] == [15 * 8 // 16, 30 * 16 // 32] and rows[2]["query"] == [15, 30]
+    cell = pixels(rows[2]["groups"][0]["image"])
+    assert cell.shape[1] < cell.shape[2]  # the cells keep the image's aspect: wider than high
+    status, answer = call(rect_server, "/api/attention", {"seed": 0, "pixel": [20, 3]})
+    assert status == 400 and "outside the 32x16 image" in answer["error"]
+
+
+def test_layer_groups_of_rectangles_follow_the_longer_side():
+    # 32x16: 4 stages split in thirds, as a 32x32 model; 256x192 (7 stages): StyleGAN's bands by stage.
+    assert layer_groups(SimpleNamespace(num_ws=8, resolution=(16, 32))) == layer_groups(
+        SimpleNamespace(num_ws=8, resolution=32))
+    assert layer_groups(SimpleNamespace(num_ws=14, resolution=(192, 256))) == layer_groups(
+        SimpleNamespace(num_ws=14, resolution=256))

@@ -95,3 +95,43 @@ def test_fid_of_a_set_against_itself_is_zero(tmp_path, image_writer, extractor):
     image_writer(tmp_path / "real", 9)
     stats = dataset_features(tmp_path / "real", extractor, 8, progress=False)
     assert abs(compare(stats, stats)["fid"]) < 1e-10
+
+
+def _write_rect_images(folder, count: int, h: int, w: int, seed: int = 0) -> list[np.ndarray]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(count)]
+    for i, arr in enumerate(arrays):
+        Image.fromarray(arr).save(folder / f"img{i:03d}.png")
+    return arrays
+
+
+def test_rectangular_stats_are_cached_under_their_own_size(tmp_path, extractor, extractor_oracle, isolated_cache):
+    import hashlib
+    import json
+
+    from stylenat.data import open_dataset
+
+    arrays = _write_rect_images(tmp_path / "real", 5, 16, 32)  # 32 wide, 16 high
+    wide = dataset_features(tmp_path / "real", extractor, (16, 32), batch=2, progress=False)
+    assert extractor.images == 5
+    np.testing.assert_allclose(wide.mean_cov()[0], extractor_oracle(arrays).mean(0), rtol=1e-10)
+    dataset_features(tmp_path / "real", extractor, [16, 32], batch=2, progress=False)
+    assert extractor.images == 5  # the same size as a list: read from the cache
+    dataset_features(tmp_path / "real", extractor, (32, 16), batch=2, progress=False)
+    dataset_features(tmp_path / "real", extractor, 16, batch=2, progress=False)
+    assert extractor.images == 15  # 16x32 (transposed) and 16x16 are other keys
+    names = sorted(p.name for p in (isolated_cache / "stats").glob("*.npz"))
+    assert len(names) == 3
+
+    def key_name(resolution):
+        fingerprint = open_dataset(tmp_path / "real", resolution, labels=False).fingerprint()
+        key = json.dumps({"dataset": fingerprint, "resolution": resolution, "num": 5,
+                          "extractor": extractor.cache_key}, sort_keys=True)
+        return f"real-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+
+    # A square keeps the key it always had (the side), so existing caches stay valid; a rectangle's
+    # key holds [height, width].
+    assert {key_name(16), key_name([16, 32]), key_name([32, 16])} == set(names)

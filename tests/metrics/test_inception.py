@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,32 @@ def test_preprocess_scales_to_minus_one_one_and_resizes_bilinearly():
     img = torch.randint(0, 256, (2, 3, 13, 21), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     ref = F.interpolate(img.double(), size=(299, 299), mode="bilinear", align_corners=False, antialias=False)
     torch.testing.assert_close(preprocess(img).double(), ref / 255 * 2 - 1, rtol=0, atol=1e-5)
+
+
+def _bilinear_matrix(n: int, out: int = 299) -> np.ndarray:
+    """[out, n] weights of a 1-D bilinear resize with half-pixel centres (align_corners=False)."""
+    m = np.zeros((out, n))
+    for i in range(out):
+        src = max((i + 0.5) * n / out - 0.5, 0.0)
+        lo = min(int(np.floor(src)), n - 1)
+        hi, lam = min(lo + 1, n - 1), src - lo
+        m[i, lo] += 1 - lam
+        m[i, hi] += lam
+    return m
+
+
+def test_a_rectangle_is_squashed_whole_to_299x299():
+    # 32 wide, 16 high: every row and every column of the image reaches the input (no crop, no
+    # padding), each axis scaled by its own factor, as pytorch-fid, clean-fid and StyleGAN2-ADA do.
+    img = torch.randint(0, 256, (1, 3, 16, 32), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    rows, cols = _bilinear_matrix(16), _bilinear_matrix(32)
+    want = np.einsum("yh,chw,xw->cyx", rows, img[0].double().numpy(), cols) / 255 * 2 - 1
+    got = preprocess(img)[0].double().numpy()
+    assert got.shape == (3, 299, 299)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # The transposed image gives the transposed input.
+    np.testing.assert_allclose(preprocess(img.transpose(2, 3).contiguous())[0].double().numpy(),
+                               want.transpose(0, 2, 1), rtol=0, atol=1e-5)
 
 
 def test_preprocess_refuses_float_images():

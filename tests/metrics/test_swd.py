@@ -278,9 +278,9 @@ def test_collectors_give_the_same_numbers_as_images_in_memory():
 
 
 @pytest.mark.parametrize("images, match", [
-    (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "power of two >= 16"),
-    (torch.zeros(2, 3, 24, 24, dtype=torch.uint8), "power of two >= 16"),
-    (torch.zeros(2, 3, 32, 16, dtype=torch.uint8), "square"),
+    (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "at least 16 pixels on the shorter side, got 8x8"),
+    (torch.zeros(2, 3, 12, 12, dtype=torch.uint8), "at least 16 pixels on the shorter side, got 12x12"),
+    (torch.zeros(2, 3, 32, 8, dtype=torch.uint8), "at least 16 pixels on the shorter side, got 8x32"),
     (torch.zeros(2, 1, 16, 16, dtype=torch.uint8), r"\[N, 3, H, W\]"),
     (torch.zeros(2, 3, 16, 16), "uint8"),
     (torch.zeros(0, 3, 16, 16, dtype=torch.uint8), "at least one image"),
@@ -301,5 +301,129 @@ def test_mismatched_or_empty_collectors_are_refused():
         swd_from_collectors(c16, SWDCollector(16))
     with pytest.raises(DataError, match="one resolution"):
         swd_from_collectors(c16, c32)
-    with pytest.raises(DataError, match="power of two"):
-        SWDCollector(100)
+    with pytest.raises(DataError, match="at least 16 pixels"):
+        SWDCollector(10)
+    assert SWDCollector(100).resolutions == [100, 50, 25]  # any size: halved while even and >= 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Images of H != W (height and width on their own axes throughout)
+
+def rect_images(n: int, h: int, w: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def swd_oracle(images_a: torch.Tensor, images_b: torch.Tensor, patches: int, directions: int, repeats: int,
+               seed: int) -> dict[str, float]:
+    """SWD by the definition, in float64 numpy, for two sets of one size and count: pyramid by loop
+    convolution, patches cut by slicing, per-set per-channel normalisation, W1 of sorted projections.
+
+    It draws its random numbers from the same torch streams as the implementation (positions: one
+    rand((levels, patches, 2)) per image; directions: one randn(147, directions) per repeat and level)
+    so the two can be compared number for number; everything else is computed here.
+    """
+    n, _, h, w = images_a.shape
+    sizes = [(h, w)]
+    while min(sizes[-1]) // 2 >= 16 and sizes[-1][0] % 2 == 0 and sizes[-1][1] % 2 == 0:
+        sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
+    levels = len(sizes)
+    per_set = []
+    for images in (images_a, images_b):
+        gen = torch.Generator().manual_seed(seed)
+        desc = [[] for _ in range(levels)]
+        for img in images.numpy():
+            u = torch.rand((levels, patches, 2), generator=gen, dtype=torch.float64).numpy()
+            for level, band in enumerate(laplacian_oracle(img, levels)):
+                lh, lw = band.shape[1:]
+                assert (lh, lw) == sizes[level]
+                for y0, x0 in zip(np.minimum((u[level, :, 0] * (lh - 6)).astype(int), lh - 7),
+                                  np.minimum((u[level, :, 1] * (lw - 6)).astype(int), lw - 7)):
+                    desc[level].append(band[:, y0:y0 + 7, x0:x0 + 7].ravel())
+        normalised = []
+        for d in desc:
+            d = np.stack(d).reshape(-1, 3, 49)
+            mean, std = d.mean(axis=(0, 2)), d.std(axis=(0, 2))
+            normalised.append(((d - mean[:, None]) / np.where(std > 0, std, 1)[:, None]).reshape(-1, 147))
+        per_set.append(normalised)
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for level, (hl, wl) in enumerate(sizes):
+        dirs = torch.cat([torch.randn(147, directions, generator=gen, dtype=torch.float64) for _ in range(repeats)], 1)
+        dirs = (dirs / dirs.norm(dim=0, keepdim=True)).numpy()
+        pa, pb = per_set[0][level] @ dirs, per_set[1][level] @ dirs
+        out[f"swd_{wl}x{hl}"] = float(np.abs(np.sort(pa, axis=0) - np.sort(pb, axis=0)).mean()) * 1e3
+    out["swd_avg"] = float(np.mean(list(out.values())))
+    return out
+
+
+def test_rectangular_pyramid_matches_a_loop_convolution():
+    img = np.random.default_rng(20).uniform(0, 255, (3, 24, 40))  # 40 wide, 24 high
+    x = torch.from_numpy(img).float()[None]
+    assert pyr_down(x).shape == (1, 3, 12, 20) and pyr_up(x).shape == (1, 3, 48, 80)
+    np.testing.assert_allclose(pyr_down(x)[0].numpy(), down_oracle(img), atol=1e-3)
+    np.testing.assert_allclose(pyr_up(x)[0].numpy(), up_oracle(img), atol=1e-3)
+    for got, want in zip(laplacian_pyramid(x, 3), laplacian_oracle(img, 3), strict=True):
+        np.testing.assert_allclose(got[0].numpy(), want, atol=2e-3)
+
+
+def test_rectangular_levels_stop_at_the_shorter_side():
+    assert level_resolutions((16, 32)) == [(16, 32)]  # 32 wide, 16 high: one level
+    assert level_resolutions((384, 512)) == [(384, 512), (192, 256), (96, 128), (48, 64), (24, 32)]
+    assert level_resolutions((512, 384)) == [(512, 384), (256, 192), (128, 96), (64, 48), (32, 24)]
+    assert level_resolutions((64, 96)) == [(64, 96), (32, 48), (16, 24)]
+    assert level_resolutions(48) == [48, 24] and level_resolutions(24) == [24] and level_resolutions(64) == [64, 32, 16]
+    assert level_resolutions((34, 64)) == [(34, 64), (17, 32)]  # 17 is odd: no further halving
+    assert level_resolutions([32, 32]) == [32, 16]  # a square pair is the square
+    with pytest.raises(DataError, match="at least 16 pixels on the shorter side, got 64x8"):
+        level_resolutions((8, 64))
+    assert SWDCollector.bytes_per_image((64, 96)) == 3 * 128 * 147 * 2
+
+
+def test_rectangular_swd_matches_the_definition_computed_naively():
+    # 48 wide, 32 high: two levels (48x32, 24x16); corners range over 26 rows and 42 columns at the
+    # finest level, so drawing columns over the height (or the reverse) would give other numbers.
+    a, b = rect_images(3, 32, 48, seed=21), wave_images(3, 48, seed=22)[:, :, :32, :]
+    options = {"patches_per_image": 12, "directions": 16, "repeats": 2, "seed": 3}
+    got = swd_from_images(a, b, dtype=torch.float32, **options)
+    want = swd_oracle(a, b, patches=12, directions=16, repeats=2, seed=3)
+    assert list(got) == ["swd_48x32", "swd_24x16", "swd_avg"]
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_rectangular_descriptors_are_windows_anywhere_in_the_level():
+    images = rect_images(2, 16, 40, seed=23)
+    collector = SWDCollector((16, 40), patches_per_image=24, seed=0, dtype=torch.float32)
+    collector.add(images)
+    desc = collector.descriptors(0).view(2, 24, 3, 7, 7)
+    found = set()
+    for i, p in itertools.product(range(2), range(24)):
+        hits = [(y, x) for y in range(16 - 6) for x in range(40 - 6)
+                if torch.equal(desc[i, p], images[i, :, y:y + 7, x:x + 7].float())]
+        assert hits, (i, p)
+        found.add(hits[0])
+    assert max(x for _, x in found) > 16 and max(y for y, _ in found) <= 9  # columns span the width
+
+
+def test_rectangular_swd_is_zero_for_one_set_and_grows_with_noise():
+    base = wave_images(8, 64, seed=24)[:, :, :32, :]  # 64 wide, 32 high
+    assert swd_from_images(base, base.clone(), **FAST) == {"swd_64x32": 0.0, "swd_32x16": 0.0, "swd_avg": 0.0}
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(base.shape, generator=gen)
+    values = [swd_from_images(base, (base.float() + sigma * noise).round().clamp(0, 255).to(torch.uint8),
+                              **FAST)["swd_avg"] for sigma in (2, 8, 32)]
+    assert 0 < values[0] < values[1] < values[2]
+
+
+def test_rectangular_sets_of_other_sizes_are_refused():
+    wide, tall = rect_images(2, 16, 32, 0), rect_images(2, 32, 16, 0)
+    message = r"^SWD compares image sets of one resolution, got 32x16 and 16x32; resize one set$"
+    with pytest.raises(DataError, match=message):
+        swd_from_images(wide, tall)
+    collector = SWDCollector((16, 32))
+    with pytest.raises(DataError, match=r"images are 16x32 but this SWD collector was made for 32x16"):
+        collector.add(tall)
+    collector.add(wide)
+    other = SWDCollector((32, 16))
+    other.add(tall)
+    with pytest.raises(DataError, match="one resolution, got 32x16 and 16x32"):
+        swd_from_collectors(collector, other)

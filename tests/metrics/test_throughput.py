@@ -87,3 +87,31 @@ def test_benchmark_of_a_conditional_model_passes_its_classes():
     g.mapping.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("c")), with_kwargs=True)
     benchmark(g, batches=[4], warmup=1, iters=1, progress=False)
     assert len(seen) == 2 and all(c is not None and c.tolist() == [0, 1, 2, 0] for c in seen)
+
+
+def test_flops_of_a_rectangle_count_its_own_tokens():
+    # 32 wide, 16 high: stages 4x2, 8x4, 16x8, 32x16 ((h, w) = (2, 4) ... (16, 32)), kernels (4, 7) etc.
+    from stylenat.models import get_preset
+
+    cfg = get_preset("ffhq", "32x16", cbase=512, cmax=32)[0]
+    g = build_generator(cfg).eval()
+    total, inside, closed = counted_flops(g)
+    parts = generator_flops_breakdown(cfg)
+    assert total - inside == generator_flops(cfg) - parts["attention"]  # every linear/conv, exactly
+    assert parts["attention"] == closed
+    # The square formula with h * w tokens per stage, written out from the stage shapes.
+    shapes = [(2, 4), (4, 8), (8, 16), (16, 32)]
+    assert cfg.stage_shapes() == shapes
+    ch = cfg.channels
+    assert parts["qkv"] == sum(2 * 2 * h * w * c * 3 * c for (h, w), c in zip(shapes, ch))
+    assert parts["proj"] == sum(2 * 2 * h * w * c * c for (h, w), c in zip(shapes, ch))
+    assert parts["upsample"] == sum(2 * (2 * h) * (2 * w) * ch[s] * ch[s + 1] for s, (h, w) in enumerate(shapes[:-1]))
+    keys = [sum(nh * ky * kx for nh, (ky, kx) in zip(a.group_heads, a.kernel_sizes))
+            for a in (stage.blocks[0].attn for stage in g.synthesis.stages)]
+    head_dim = [c // nh for c, nh in zip(ch, cfg.heads)]
+    assert parts["attention"] == sum(2 * 2 * 2 * h * w * k * d for (h, w), k, d in zip(shapes, keys, head_dim))
+    # Its transpose (16 wide, 32 high) does the same work; a square of its width does more.
+    assert generator_flops(get_preset("ffhq", "16x32", cbase=512, cmax=32)[0]) == generator_flops(cfg)
+    assert generator_flops(get_preset("ffhq", 32, cbase=512, cmax=32)[0]) > generator_flops(cfg)
+    report = benchmark(g, batches=[1], warmup=0, iters=1, progress=False)
+    assert (report["resolution"], report["width"], report["height"]) == ((16, 32), 32, 16)

@@ -261,7 +261,8 @@ def test_parameter_distributions():
     n = 20000
     full = pipe.sample(n, 64, 32, 1.0, _gen(9))
     assert abs(full.xflip.mean().item() - 0.5) < 0.02
-    assert torch.equal(torch.unique(full.rotate90), _t(0, 1, 2, 3))
+    assert torch.equal(torch.unique(full.rotate90), _t(0, 2))  # W != H: half turns only
+    assert abs((full.rotate90 == 2).double().mean().item() - 0.5) < 0.02
     assert full.xint[:, 0].abs().max() == 4 and full.xint[:, 1].abs().max() == 8  # 0.125 of width 32, height 64
     assert abs(full.scale.log2().std().item() - 0.2) < 0.01 and abs(full.aniso.log2().std().item() - 0.2) < 0.01
     assert abs(full.xfrac[:, 0].std().item() - 0.125 * 32) < 0.1 and abs(full.xfrac[:, 1].std().item() - 8) < 0.2
@@ -271,6 +272,7 @@ def test_parameter_distributions():
     assert abs(full.saturation.log2().std().item() - 1.0) < 0.03
     assert abs(full.hue.std().item() - math.pi / math.sqrt(3)) < 0.05  # uniform over the full circle
     part = pipe.sample(n, 64, 64, 0.3, _gen(10))
+    assert torch.equal(torch.unique(part.rotate90), _t(0, 1, 2, 3))
     assert abs((part.scale != 1).double().mean().item() - 0.3) < 0.02
     assert abs((part.hue != 0).double().mean().item() - 0.3) < 0.02
     # Pre- and post-rotation each happen with 1 - sqrt(1 - p), so at least one with p.

@@ -72,7 +72,7 @@ def test_resolution_mismatches_are_errors_not_resizes(tmp_path, capsys):
     assert "cannot size the ffhq model from demo" in capsys.readouterr().err
     mixed = _folder(tmp_path / "mixed", 3, (40, 30))
     assert main(["train", "--data", str(mixed), "--steps", "1", "--run-dir", str(tmp_path / "d")]) == 2
-    assert "differ in size or are not square" in capsys.readouterr().err
+    assert "its images are 40x30, not a model size" in capsys.readouterr().err
     assert main(["train", "--preset", "ffhq256", "--generator", "resolution=128", "--steps", "1", "--run-dir", str(tmp_path / "e")]) == 2
     assert "use --preset ffhq --resolution 128" in capsys.readouterr().err
     # Photos of mixed sizes, or of one size that is not a power of two, are cropped and resized on the fly.

@@ -9,6 +9,9 @@ usable while it runs. Nothing here knows about HTTP; :mod:`stylenat.app.server` 
 Latents: a seed (an int, truncated by ``psi`` toward the mean w) or ws ``[num_ws, style_dim]``
 given as data (e.g. a projection's result; used as they are), as :func:`stylenat.sampling.as_ws`
 takes them; a seed gives the same image as ``stylenat generate``.
+
+Images are uint8 [3, H, W] at the model's height and width (a 32x16 model: 16 high, 32 wide);
+pixel positions are (y, x), y over the height and x over the width.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from stylenat.attention_maps import AttentionMap, attention_maps, render_attenti
 from stylenat.data.images import to_rgb
 from stylenat.editing import edit, render, sefa_directions
 from stylenat.errors import ConfigError, DataError, UserError
+from stylenat.models.config import as_shape
 from stylenat.projection import ProjectionResult, project
 from stylenat.sampling import as_ws, interpolate, style_mix
 
@@ -125,12 +129,13 @@ def class_names(g: nn.Module) -> list[str]:
 def layer_groups(g: nn.Module) -> dict[str, list[int]]:
     """ws indices of the coarse, middle and fine styles (empty groups left out).
 
-    Models of 64 pixels and more use StyleGAN's bands: coarse up to 8x8, middle 16x16 and 32x32,
-    fine 64x64 and up. Smaller models have no fine band in that sense, so their stages are split
-    into three runs instead. ws index 2s + j feeds block j of stage s (resolution 4 * 2**s).
+    Models of 64 pixels and more (on the longer side) use StyleGAN's bands: coarse up to 8x8,
+    middle 16x16 and 32x32, fine 64x64 and up (by stage: a 4x2 base is coarse, as 4x4 is). Smaller
+    models have no fine band in that sense, so their stages are split into three runs instead. ws
+    index 2s + j feeds block j of stage s (resolution 4 * 2**s for a square).
     """
     stages = list(range(g.num_ws // 2))
-    if g.resolution >= 64:
+    if max(as_shape(g.resolution)) >= 64:
         bands = {"coarse": [s for s in stages if s <= 1], "middle": [s for s in stages if 2 <= s <= 3],
                  "fine": [s for s in stages if s >= 4]}
     else:
@@ -225,12 +230,22 @@ class Explorer:
     # ---- what the page needs to know ----
 
     def info(self) -> dict:
-        """Model facts and limits for the page: sizes, stages and head groups, layer groups, classes."""
+        """Model facts and limits for the page: sizes, stages and head groups, layer groups, classes.
+
+        ``resolution`` is the config's (a square's edge, else [height, width]), ``width`` and
+        ``height`` the image's. Each stage has its ``resolution`` too (its edge; [h, w] for a
+        rectangle's stage, which also has ``width`` and ``height``), kernels and dilations.
+        """
         g = self.g
-        stages = [{"resolution": 4 * 2**s, "kernels": [list(k) for k in stage.blocks[0].attn.kernel_sizes],
-                   "dilations": [list(d) for d in stage.blocks[0].attn.dilations]}
-                  for s, stage in enumerate(g.synthesis.stages)]
-        return {"resolution": g.resolution, "num_ws": g.num_ws, "style_dim": g.style_dim, "stages": stages,
+        height, width = as_shape(g.resolution)
+        stages = []
+        for (h, w), stage in zip(g.config.stage_shapes(), g.synthesis.stages):
+            attn = stage.blocks[0].attn
+            size = {"resolution": h} if h == w else {"resolution": [h, w], "width": w, "height": h}
+            stages.append({**size, "kernels": [list(k) for k in attn.kernel_sizes],
+                           "dilations": [list(d) for d in attn.dilations]})
+        return {"resolution": g.resolution, "width": width, "height": height, "num_ws": g.num_ws,
+                "style_dim": g.style_dim, "stages": stages,
                 "layer_groups": self.groups, "classes": self.classes, "device": str(g.w_avg.device),
                 "limits": {k: getattr(self.limits, k) for k in ("max_upload_bytes", "max_grid", "max_frames",
                                                                   "max_project_steps", "max_directions")}}
@@ -277,12 +292,12 @@ class Explorer:
     # ---- actions ----
 
     def image(self, latent: int | Tensor, psi: float = 1.0, cls: int | None = None) -> Tensor:
-        """The image of a seed or of ws [num_ws, style_dim]: uint8 [3, S, S]."""
+        """The image of a seed or of ws [num_ws, style_dim]: uint8 [3, H, W]."""
         with self._model():
             return render(self.g, self._ws(latent, psi, cls)[None])[0]
 
     def grid(self, first_seed: int, count: int, psi: float = 1.0, cls: int | None = None) -> Tensor:
-        """Images of seeds first_seed, first_seed + 1, ...: uint8 [count, 3, S, S]."""
+        """Images of seeds first_seed, first_seed + 1, ...: uint8 [count, 3, H, W]."""
         if not 1 <= count <= self.limits.max_grid:
             raise ConfigError(f"a grid holds 1-{self.limits.max_grid} images, got {count}")
         with self._model():
@@ -290,23 +305,26 @@ class Explorer:
 
     def mix(self, a: int | Tensor, b: int | Tensor, layers: Sequence[int], psi: float = 1.0,
             cls: int | None = None) -> Tensor:
-        """uint8 [3, 3, S, S]: a, b, and a with the ws indices ``layers`` from b (style_mix's convention)."""
+        """uint8 [3, 3, H, W]: a, b, and a with the ws indices ``layers`` from b (style_mix's convention)."""
         with self._model():
             grid = style_mix(self.g, self._ws(a, psi, cls)[None], self._ws(b, psi, cls)[None], layers)
         return torch.stack([grid[1, 0], grid[0, 1], grid[1, 1]])
 
     def interpolate(self, a: int | Tensor, b: int | Tensor, frames: int, psi: float = 1.0,
                     cls: int | None = None) -> Tensor:
-        """uint8 [frames, 3, S, S]: linear steps in ws from a to b, both ends included."""
+        """uint8 [frames, 3, H, W]: linear steps in ws from a to b, both ends included."""
         if not 2 <= frames <= self.limits.max_frames:
             raise ConfigError(f"an interpolation has 2-{self.limits.max_frames} frames, got {frames}")
         with self._model():
             keys = torch.stack([self._ws(a, psi, cls), self._ws(b, psi, cls)])
             return interpolate(self.g, keys, frames - 1, loop=False)
 
-    def attention(self, seed: int, pixel: tuple[int, int], resolutions: Sequence[int] | None = None,
+    def attention(self, seed: int, pixel: tuple[int, int], resolutions: Sequence[int | str] | None = None,
                   psi: float = 1.0, cls: int | None = None) -> tuple[list[AttentionMap], np.ndarray, tuple[int, int]]:
-        """Each head group's attention at ``pixel`` (y, x) of the seed's image.
+        """Each head group's attention at ``pixel`` (y, x) of the seed's image (y in 0..H-1, x in 0..W-1).
+
+        resolutions: the stages to read, as attention_maps takes them: a stage's longer side (a
+        square stage's edge) or its "WxH"; None for all.
 
         Returns (the maps, as stylenat.attention_maps.attention_maps gives them; the drawn cells and
         their (rows, cols) grid, as render_attention_maps gives them: one row per stage and block,
@@ -330,7 +348,7 @@ class Explorer:
 
     def edit(self, latent: int | Tensor, strengths: Sequence[float], group: str = "all", psi: float = 1.0,
              cls: int | None = None) -> Tensor:
-        """The latent moved by strengths[i] (w units) along SeFa direction i of ``group``: uint8 [3, S, S]."""
+        """The latent moved by strengths[i] (w units) along SeFa direction i of ``group``: uint8 [3, H, W]."""
         s = torch.as_tensor(list(strengths), dtype=torch.float32)
         with self._model():
             directions = self._directions(group)

@@ -13,6 +13,10 @@ Routes: ``GET /`` the page, ``GET /static/...`` its script and style, ``GET /api
 
 Numbers JSON cannot hold (a PSNR of inf for a perfect reconstruction, a NaN loss) are sent as the
 strings "inf", "-inf" and "nan".
+
+Sizes: ``/api/info`` gives the model's ``resolution`` (a square's edge, else [height, width]) and its
+``width`` and ``height``; each attention row names its stage's ``width`` and ``height``; images are
+PNGs of the model's W x H (attention cells: the image's aspect). Pixels are [y, x].
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from torch import Tensor
 
 from stylenat.app.explorer import Busy, Explorer, Limits, ProjectionJob, decode_upload
 from stylenat.errors import ConfigError, DataError, UserError
+from stylenat.models.config import size_text
 
 __all__ = ["create_app", "serve", "BackgroundServer", "listen", "loopback_hosts", "png_data_url", "encode_latent",
            "RequestGuard", "json_safe"]
@@ -239,6 +244,15 @@ def _float(body: dict, key: str, default: float, lo: float, hi: float) -> float:
     return float(value)
 
 
+def _stage_names(body: dict, key: str) -> list[int | str]:
+    """Stages as the attention takes them: each an integer (a stage's longer side) or "WxH" text."""
+    value = body.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
+                                              for v in value):
+        raise ConfigError(f"{key} must be a list of stage sizes (integers, or \"WxH\" text), got {value!r}")
+    return value
+
+
 def _ints(body: dict, key: str, default: Sequence[int] | None = None) -> list[int]:
     value = body.get(key, default)
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -319,14 +333,15 @@ async def attention(request: Request) -> JSONResponse:
     pixel = _ints(body, "pixel")
     if len(pixel) != 2:
         raise ConfigError(f"pixel must be [y, x], got {pixel!r}")
-    stages = _ints(body, "resolutions", []) or None
+    stages = _stage_names(body, "resolutions") or None
     maps, cells, (rows, cols) = await run_in_threadpool(ex.attention, ex.check_seed(_int(body, "seed")),
                                                         tuple(pixel), stages, _psi(body), _class(body))
     out: list[dict] = []
     for m in maps:  # maps come stage by stage, block by block, group by group: the cells' row order
         if not out or (out[-1]["resolution"], out[-1]["block"]) != (m.resolution, m.block):
-            out.append({"resolution": m.resolution, "block": m.block, "query": list(m.query),
-                        "image": png_data_url(cells[len(out) * cols]), "groups": []})
+            h, w = m.weights.shape[-2:]  # the stage's map
+            out.append({"resolution": m.resolution, "width": int(w), "height": int(h), "block": m.block,
+                        "query": list(m.query), "image": png_data_url(cells[len(out) * cols]), "groups": []})
         row = out[-1]
         row["groups"].append({"group": m.group, "kernel": list(m.kernel), "dilation": list(m.dilation),
                               "heads": int(m.weights.shape[0]),
@@ -507,7 +522,7 @@ def serve(g, host: str = "127.0.0.1", port: int = 7860, limits: Limits = Limits(
     """
     host = _bare(host)
     sock, url, server = _uvicorn(Explorer(g, limits), host, port)
-    print(f"stylenat serve: {url}/ ({g.resolution}x{g.resolution}, {g.w_avg.device}; Ctrl-C stops)", flush=True)
+    print(f"stylenat serve: {url}/ ({size_text(g.resolution)}, {g.w_avg.device}; Ctrl-C stops)", flush=True)
     if not _is_loopback(host):
         print(f"stylenat serve: warning: listening on {host}: anyone who can reach this machine can use the app "
               "(there is no login)", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ from stylenat._system import Progress, atomic_path, cache_dir
 from stylenat.data import open_dataset
 from stylenat.errors import DataError
 from stylenat.metrics.inception import load_inception
+from stylenat.models.config import as_shape, parse_size
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]  # uint8 [B,3,H,W] -> features [B,D]; has .cache_key
 
@@ -91,7 +92,8 @@ def extract(batches: Iterable[torch.Tensor], extractor: Extractor, total: int, k
     return stats
 
 
-def dataset_features(path: str | os.PathLike, extractor: Extractor, resolution: int, num: int | None = None,
+def dataset_features(path: str | os.PathLike, extractor: Extractor, resolution: int | tuple[int, int],
+                     num: int | None = None,
                      batch: int = 64, keep_features: bool = False, cache: bool = True,
                      workers: int = 0, progress: bool = True, indices: Sequence[int] | None = None) -> FeatureStats:
     """Statistics of the first `num` images (all when None) of a dataset, cached on disk.
@@ -99,18 +101,22 @@ def dataset_features(path: str | os.PathLike, extractor: Extractor, resolution: 
     Args:
         path: image folder or zip (prepared or raw), or "demo" (see stylenat.data.open_dataset).
         extractor: see Extractor (its `cache_key` names the network, its weights and its
-            preprocessing). resolution: side the images are read at (raw sets are cropped and
-            resized to it). num: images to use. batch: images per forward.
+            preprocessing). resolution: size the images are read at, an int for a square, else
+            (height, width), as open_dataset takes it (raw sets are cropped and resized to it; the
+            Inception input is then 299x299 whatever the size, see inception.preprocess).
+            num: images to use. batch: images per forward.
         keep_features: keep features for KID. cache: read/write <cache dir>/stats/<name>-<key>.npz,
-            the key hashing the dataset's fingerprint, the resolution, the image count and the
-            extractor's cache_key.
+            the key hashing the dataset's fingerprint, the resolution (the side for a square, as
+            ever; [height, width] for H != W, so 512x384 and 384x512 have caches of their own),
+            the image count and the extractor's cache_key.
         workers: DataLoader processes decoding images. progress: show the tick.
         indices: only these items of the dataset (e.g. one class), in this order.
     """
     dataset = open_dataset(path, resolution, labels=False)
     chosen = list(range(len(dataset)) if indices is None else indices)
     count = len(chosen) if num is None else min(num, len(chosen))
-    key = json.dumps({"dataset": dataset.fingerprint(), "resolution": resolution, "num": count,
+    h, w = as_shape(parse_size(resolution, "resolution"))
+    key = json.dumps({"dataset": dataset.fingerprint(), "resolution": h if h == w else [h, w], "num": count,
                       "extractor": extractor.cache_key,
                       **({} if indices is None else {"indices": hashlib.sha256(str(chosen).encode()).hexdigest()})},
                      sort_keys=True)
@@ -149,7 +155,7 @@ def seeded_features(make_images: Callable[[Sequence[int]], torch.Tensor], num: i
 
 def generated_images(g: torch.nn.Module, num: int, batch: int = 32, seed: int = 0, truncation_psi: float = 1.0,
                      label_pool: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-    """uint8 images [<= batch, 3, S, S] of generator ``g`` from seeds seed .. seed+num-1, batch by batch.
+    """uint8 images [<= batch, 3, H, W] of generator ``g`` from seeds seed .. seed+num-1, batch by batch.
 
     Args:
         g: a stylenat generator; in eval mode while the images are made (train mode would update

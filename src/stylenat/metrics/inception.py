@@ -190,6 +190,10 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 
     Bilinear resize with align_corners=False and no antialiasing (F.interpolate's default for
     bilinear), then x / 255 * 2 - 1. Both steps are linear, so their order does not matter.
+    An image of H != W is resized whole to 299x299, each axis by its own factor (squashed, not
+    cropped or padded), as pytorch-fid, clean-fid (PIL resize to (299, 299)), torch-fidelity and
+    StyleGAN2-ADA's Inception graph (tf.image.resize_bilinear to 299x299 inside it) all do, so FID
+    of a 512x384 model is comparable with theirs.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 images [B, 3, H, W], got {images.dtype} {list(images.shape)}")

@@ -12,6 +12,8 @@ for SWD.
 FID follows the paper's protocol (after pytorch-fid): Inception pool features of uint8 images
 resized to 299x299 (bilinear, align_corners=False, no antialias) and scaled to [-1, 1]; 50k
 generated images without truncation against the whole dataset; Frechet distance in float64.
+Images of H != W are resized whole to 299x299 (squashed), as pytorch-fid, clean-fid,
+torch-fidelity and StyleGAN2-ADA do; SWD works on them at their own size (see metrics.swd).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from stylenat.metrics.features import Extractor, FeatureStats, dataset_features,
 from stylenat.metrics.inception import load_inception
 from stylenat.metrics.precision_recall import precision_recall
 from stylenat.metrics.swd import SWDCollector, swd_from_collectors
+from stylenat.models.config import parse_size
 
 __all__ = ["KINDS", "METRICS", "MetricKind", "MetricSpec", "parse_metric", "calc_metric", "measure", "evaluate", "compare",
            "needs_inception", "load_inception_for"]
@@ -46,8 +49,9 @@ class MetricKind:
     compare: (fake, real) -> {key suffix: value}, the metric's key being its name plus the suffix
         ("" for the headline value); fake and real are what the kind gathers from each side.
     keys: the suffixes compare returns (``<res>`` standing for each pyramid level's side).
-    collector: None for a kind on Inception features (compare gets FeatureStats), else resolution ->
-        a fresh collector with ``.add(uint8 images)`` and ``.num_images`` (compare gets two of them).
+    collector: None for a kind on Inception features (compare gets FeatureStats), else resolution (an
+        int, or (height, width)) -> a fresh collector with ``.add(uint8 images)`` and ``.num_images``
+        (compare gets two of them).
     per_image: an Inception kind that needs every image's features, not only their mean and covariance.
     examples: its names most used, for help texts.
     """
@@ -147,16 +151,17 @@ def compare(fake: FeatureStats, real: FeatureStats, kid: bool = False, kid_subse
     return result
 
 
-def _read_at(batches, resolution: int):
-    """uint8 image batches made ``resolution`` x ``resolution`` the way a raw real set is read at it
-    (``square_resize``: Lanczos), so that a generator is compared with real images at one size."""
+def _read_at(batches, resolution: int | tuple[int, int]):
+    """uint8 image batches made of size ``resolution`` (an int square, or (height, width)) the way a
+    raw real set is read at it (``resize_image``: the centred crop of that aspect, Lanczos), so that
+    a generator is compared with real images at one size."""
     from PIL import Image
 
-    from stylenat.data.images import pil_to_tensor, square_resize
+    from stylenat.data.images import pil_to_tensor, resize_image
 
     for images in batches:
         arrays = images.permute(0, 2, 3, 1).cpu().numpy()
-        yield torch.stack([pil_to_tensor(square_resize(Image.fromarray(a), resolution)) for a in arrays]).to(images.device)
+        yield torch.stack([pil_to_tensor(resize_image(Image.fromarray(a), resolution)) for a in arrays]).to(images.device)
 
 
 def load_inception_for(names: list[str], path: str | os.PathLike | None = None,
@@ -180,7 +185,7 @@ class _Images:
     def label(self) -> str:
         return "generated images" if self.g is not None else Path(str(self.path)).name
 
-    def batches(self, count: int, resolution: int, batch: int, workers: int):
+    def batches(self, count: int, resolution: int | tuple[int, int], batch: int, workers: int):
         """(uint8 image batches, how many images) for up to ``count`` images."""
         from stylenat.data import open_dataset
 
@@ -232,7 +237,8 @@ def _compare(specs: list[MetricSpec], fake: _Images, real: _Images, resolution: 
     return results
 
 
-def measure(first, real: str | os.PathLike, names: list[str], *, num: int | None = None, resolution: int | None = None,
+def measure(first, real: str | os.PathLike, names: list[str], *, num: int | None = None,
+            resolution: int | tuple[int, int] | str | None = None,
             extractor: Extractor | None = None, inception: str | os.PathLike | None = None, batch: int = 32,
             device: str | torch.device = "cpu", workers: int = 0, progress: bool = True,
             per_class: bool = False) -> dict[str, float]:
@@ -245,8 +251,9 @@ def measure(first, real: str | os.PathLike, names: list[str], *, num: int | None
         real: image folder or zip (raw or prepared), or "demo".
         names: metric names (see the module docstring).
         num: images of ``first`` for every metric, overriding the counts in the names.
-        resolution: side both sets are read at; default the generator's (required for two image sets).
-            A generator's images at another size are Lanczos-resized to it, as raw real images are.
+        resolution: size both sets are read at: an int for a square, (height, width) or "WxH"
+            otherwise; default the generator's (required for two image sets). A generator's images
+            at another size are cropped to its aspect and Lanczos-resized to it, as raw real images are.
         extractor: Inception network already loaded; default load_inception(inception) when needed.
         inception: the Inception weights file (see load_inception). batch: images per forward.
         device: where the networks run. workers: image-decoding processes. progress: show ticks.
@@ -271,7 +278,10 @@ def measure(first, real: str | os.PathLike, names: list[str], *, num: int | None
     if per_class and not first_is_images and not first.config.num_classes:
         raise ConfigError("--per-class: the model is unconditional (it has no classes), so it has no images of a "
                           "class to compare; drop --per-class, or measure a class-conditional model")
-    resolution = resolution or (None if first_is_images else first.resolution)
+    if resolution:
+        resolution = parse_size(resolution, "--resolution")
+    else:
+        resolution = None if first_is_images else first.resolution
     if resolution is None:
         raise ConfigError("comparing two image sets needs a resolution to read both at (--resolution)")
     real_set = open_dataset(real, resolution, labels=False)
@@ -305,7 +315,8 @@ def measure(first, real: str | os.PathLike, names: list[str], *, num: int | None
     return results
 
 
-def evaluate(first, real: str | os.PathLike, num: int = 50000, kid: bool = False, resolution: int | None = None,
+def evaluate(first, real: str | os.PathLike, num: int = 50000, kid: bool = False,
+             resolution: int | tuple[int, int] | str | None = None,
              inception: str | os.PathLike | None = None, batch: int = 32, device: str = "cpu", workers: int = 0,
              progress: bool = True) -> dict[str, float]:
     """FID (and KID) of a generator or an image set against a real image set (``stylenat fid``).

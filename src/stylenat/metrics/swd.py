@@ -6,14 +6,20 @@ The definition follows "Progressive Growing of GANs" (section 5, appendix D):
    (mirror boundary, as scipy.ndimage's "mirror" and cv2.pyrDown): Gaussian levels are blurred and
    halved down to 16x16; a Laplacian level is a Gaussian level minus the next one upsampled (zeros
    inserted, blurred with 4x the filter); the coarsest level is the 16x16 Gaussian level itself.
+   Images of H != W: both axes are halved together while the shorter side stays >= 16 (and both
+   sides are even), so the minimum edge applies to the shorter side: 512x384 gives levels
+   512x384, 256x192, ..., 32x24; 32x16 gives the one level 32x16. Square images must have a
+   power-of-two side, as in the paper.
 2. From every level, `patches_per_image` 7x7 neighbourhoods are drawn at uniform random positions
-   lying wholly inside the level; each is a descriptor of 7 * 7 * 3 = 147 values (channel-major).
+   lying wholly inside the level (rows and columns drawn separately over the level's height and
+   width); each is a descriptor of 7 * 7 * 3 = 147 values (channel-major).
 3. The descriptors of one set and one level are normalised per colour channel with that set's own
    mean and standard deviation, so SWD ignores a global brightness/contrast difference per channel.
 4. Per level, SWD = mean over random unit directions of the 1-D Wasserstein-1 distance between the
    two projected descriptor sets: the mean absolute difference of their sorted projections. The
    reported numbers are that mean x 1e3 (the paper's units), one per level named by its resolution
-   (``swd_64``, ``swd_32``, ``swd_16``), and their average ``swd_avg``.
+   (``swd_64``, ``swd_32``, ``swd_16``; ``swd_WxH`` for H != W: ``swd_64x32``), and their average
+   ``swd_avg``. Both sets must hold images of one size (H and W each).
 
 Entry points:
     swd_from_images(images_a, images_b, ...): both sets in memory.
@@ -46,11 +52,11 @@ import torch.nn.functional as F
 
 from stylenat.errors import ConfigError, DataError
 
-__all__ = ["MIN_RESOLUTION", "PATCH_SIZE", "SWDCollector", "laplacian_pyramid", "level_resolutions", "pyr_down",
-           "pyr_up", "reconstruct_laplacian_pyramid", "sliced_wasserstein", "swd_from_collectors",
+__all__ = ["MIN_RESOLUTION", "PATCH_SIZE", "SWDCollector", "laplacian_pyramid", "level_name", "level_resolutions",
+           "pyr_down", "pyr_up", "reconstruct_laplacian_pyramid", "sliced_wasserstein", "swd_from_collectors",
            "swd_from_images", "wasserstein1_1d"]
 
-MIN_RESOLUTION = 16  # the coarsest pyramid level, as in the paper
+MIN_RESOLUTION = 16  # the coarsest pyramid level (its shorter side, for H != W), as in the paper
 PATCH_SIZE = 7
 # [1, 4, 6, 4, 1] / 16 is symmetric: weights of the outer pair, the inner pair and the centre.
 _BINOMIAL = (1 / 16, 4 / 16, 6 / 16)
@@ -122,9 +128,9 @@ def laplacian_pyramid(images: torch.Tensor, num_levels: int) -> list[torch.Tenso
 
     Args:
         images: [B, C, H, W], pixel values (uint8 is converted to float32; unit kept, e.g. 0..255).
-        num_levels: levels wanted; level i has side H / 2^i, so H must be divisible by
-            2^(num_levels - 1). The last level is the Gaussian (blurred) image, the others are
-            band-pass differences.
+        num_levels: levels wanted; level i is H / 2^i high and W / 2^i wide, so H and W must both
+            be divisible by 2^(num_levels - 1). The last level is the Gaussian (blurred) image, the
+            others are band-pass differences.
     Returns:
         num_levels float tensors [B, C, H / 2^i, W / 2^i], in the unit of `images`.
     """
@@ -143,26 +149,51 @@ def reconstruct_laplacian_pyramid(pyramid: list[torch.Tensor]) -> torch.Tensor:
     return x
 
 
-def level_resolutions(resolution: int) -> list[int]:
-    """Sides of the pyramid levels SWD uses for images of side `resolution`: resolution .. 16."""
-    _check_resolution(resolution)
-    out = [resolution]
-    while out[-1] > MIN_RESOLUTION:
-        out.append(out[-1] // 2)
-    return out
+def _text(size: int | tuple[int, int]) -> str:
+    """A size as WIDTHxHEIGHT."""
+    h, w = (size, size) if isinstance(size, int) else size
+    return f"{w}x{h}"
 
 
-def _check_resolution(resolution: int) -> None:
-    if isinstance(resolution, bool) or not isinstance(resolution, int):
-        raise DataError(f"SWD image resolution must be an integer number of pixels, got {resolution!r}")
-    if resolution < MIN_RESOLUTION or resolution & (resolution - 1):
-        suggestion = max(MIN_RESOLUTION, 1 << (max(resolution, 1) - 1).bit_length())
-        raise DataError(f"SWD needs square images whose side is a power of two >= {MIN_RESOLUTION}, got "
-                        f"{resolution}; resize the images (e.g. to {suggestion})")
+def level_name(size: int | tuple[int, int]) -> str:
+    """How a level is named in the results: its side for a square (``64``), else ``WxH`` (``64x32``)."""
+    return str(size) if isinstance(size, int) else _text(size)
 
 
-def _check_images(images: torch.Tensor | np.ndarray, resolution: int | None = None) -> torch.Tensor:
-    """images as a uint8 tensor [N, 3, S, S], S a power of two >= 16 (equal to `resolution` if given)."""
+def level_resolutions(resolution: int | tuple[int, int]) -> list[int] | list[tuple[int, int]]:
+    """Sizes of the pyramid levels SWD uses for images of size `resolution`, finest first.
+
+    Both axes are halved while the shorter side stays >= 16 and both are even: a square of a power
+    of two gives sides resolution .. 16 (as the reference), 48 gives 48, 24; a (height, width) pair
+    with H != W gives pairs: (384, 512) -> (384, 512), (192, 256), ..., (24, 32). A square pair is
+    its int.
+    """
+    resolution = _check_resolution(resolution)
+    pairs = [(resolution, resolution) if isinstance(resolution, int) else resolution]
+    while min(pairs[-1]) // 2 >= MIN_RESOLUTION and not (pairs[-1][0] % 2 or pairs[-1][1] % 2):
+        pairs.append((pairs[-1][0] // 2, pairs[-1][1] // 2))
+    return [h for h, _ in pairs] if isinstance(resolution, int) else pairs
+
+
+def _check_resolution(resolution) -> int | tuple[int, int]:
+    """`resolution` as SWD holds it (an int for a square, else (height, width)); DataError when SWD
+    cannot take it."""
+    if isinstance(resolution, (tuple, list)) and len(resolution) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in resolution):
+        h, w = int(resolution[0]), int(resolution[1])
+        resolution = h if h == w else (h, w)
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, tuple)):
+        raise DataError(f"SWD image resolution must be an integer number of pixels or a (height, width) pair, got "
+                        f"{resolution!r}")
+    if min((resolution, resolution) if isinstance(resolution, int) else resolution) < MIN_RESOLUTION:
+        raise DataError(f"SWD needs images at least {MIN_RESOLUTION} pixels on the shorter side, got "
+                        f"{_text(resolution)}; resize the images")
+    return resolution
+
+
+def _check_images(images: torch.Tensor | np.ndarray, resolution: int | tuple[int, int] | None = None) -> torch.Tensor:
+    """images as a uint8 tensor [N, 3, H, W] of a size SWD takes (see level_resolutions), that size
+    being `resolution` if given."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor):
@@ -174,11 +205,9 @@ def _check_images(images: torch.Tensor | np.ndarray, resolution: int | None = No
         raise DataError(f"SWD takes RGB images [N, 3, H, W], got shape {tuple(images.shape)}; "
                         "convert grey images with x.expand(-1, 3, -1, -1)")
     h, w = images.shape[2:]
-    if h != w:
-        raise DataError(f"SWD takes square images, got {h}x{w}; crop or resize them to a square")
-    _check_resolution(h)
-    if resolution is not None and h != resolution:
-        raise DataError(f"images are {h}x{h} but this SWD collector was made for {resolution}x{resolution}; "
+    size = _check_resolution((h, w))
+    if resolution is not None and size != resolution:
+        raise DataError(f"images are {_text(size)} but this SWD collector was made for {_text(resolution)}; "
                         "resize them or make a collector for their size")
     return images
 
@@ -187,7 +216,7 @@ def _check_images(images: torch.Tensor | np.ndarray, resolution: int | None = No
 # Descriptors
 
 def _gather_patches(level: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
-    """7x7 patches of level [B, C, S, S] with top-left corners [B, P, 2] (row, col): [B * P, C * 49].
+    """7x7 patches of level [B, C, H, W] with top-left corners [B, P, 2] (row, col): [B * P, C * 49].
 
     A descriptor is laid out channel, row, column (C-major), as the reference implementation.
     """
@@ -209,20 +238,21 @@ class SWDCollector:
     same seed fed the same images hold identical descriptors (their SWD is exactly 0).
 
     Args:
-        resolution: side of the square images in pixels (a power of two >= 16).
+        resolution: the images' size: the side of square images (a power of two >= 16), or
+            (height, width) for H != W (the shorter side >= 16); see level_resolutions.
         patches_per_image: 7x7 neighbourhoods drawn per image and per level (paper: 128).
         seed: seed of the patch positions.
         dtype: storage type of the descriptors, torch.float16 (2 bytes a value) or torch.float32.
     """
 
-    def __init__(self, resolution: int, patches_per_image: int = 128, seed: int = 0,
+    def __init__(self, resolution: int | tuple[int, int], patches_per_image: int = 128, seed: int = 0,
                  dtype: torch.dtype = torch.float16):
         if not isinstance(patches_per_image, int) or patches_per_image < 1:
             raise ConfigError(f"patches_per_image must be a positive integer, got {patches_per_image!r}")
         if dtype not in _STORE_DTYPES:
             raise ConfigError(f"SWD descriptors are stored as torch.float16 or torch.float32, got {dtype}")
-        self.resolution = resolution
-        self.resolutions = level_resolutions(resolution)
+        self.resolution = _check_resolution(resolution)
+        self.resolutions = level_resolutions(self.resolution)
         self.patches_per_image = patches_per_image
         self.dtype = dtype
         self.num_images = 0
@@ -244,8 +274,9 @@ class SWDCollector:
         return self.num_images * self.patches_per_image
 
     @staticmethod
-    def bytes_per_image(resolution: int, patches_per_image: int = 128, dtype: torch.dtype = torch.float16) -> int:
-        """Bytes a collector keeps per image of side `resolution` (all levels)."""
+    def bytes_per_image(resolution: int | tuple[int, int], patches_per_image: int = 128,
+                        dtype: torch.dtype = torch.float16) -> int:
+        """Bytes a collector keeps per image of size `resolution` (all levels)."""
         itemsize = torch.empty(0, dtype=dtype).element_size()
         return len(level_resolutions(resolution)) * patches_per_image * 3 * PATCH_SIZE * PATCH_SIZE * itemsize
 
@@ -258,8 +289,8 @@ class SWDCollector:
         """Draw and keep the descriptors of a batch.
 
         Args:
-            images: uint8 [N, 3, resolution, resolution], pixel values 0..255, on any device (the
-                pyramid is built there; descriptors are kept on the CPU).
+            images: uint8 [N, 3, H, W] of the collector's size, pixel values 0..255, on any device
+                (the pyramid is built there; descriptors are kept on the CPU).
         """
         images = _check_images(images, self.resolution)
         n = len(images)
@@ -270,9 +301,10 @@ class SWDCollector:
         uniform = torch.stack([torch.rand((levels, p, 2), generator=self._gen, dtype=torch.float64)
                                for _ in range(n)])
         pyramid = laplacian_pyramid(images, levels)
-        for i, (level, side) in enumerate(zip(pyramid, self.resolutions)):
-            span = side - PATCH_SIZE + 1  # top-left corners that keep the patch inside the level
-            corners = (uniform[:, i] * span).long().clamp_(max=span - 1).to(level.device)
+        for i, level in enumerate(pyramid):
+            # Top-left corners that keep the patch inside the level: rows over its height, columns over its width.
+            span = torch.tensor(level.shape[2:], dtype=torch.long) - PATCH_SIZE + 1
+            corners = torch.minimum((uniform[:, i] * span).long(), span - 1).to(level.device)
             self._pending[i].append(_gather_patches(level, corners).to("cpu", self.dtype))
         self._stats.clear()
         self.num_images += n
@@ -486,7 +518,7 @@ def swd_from_collectors(a: SWDCollector, b: SWDCollector, directions: int = 128,
     descriptors); when the sets hold different numbers of descriptors the larger is subsampled.
 
     Args:
-        a, b: collectors made for the same resolution, each fed at least one image.
+        a, b: collectors made for the same size (height and width), each fed at least one image.
         directions: random unit directions per repetition (reference: 128).
         repeats: repetitions with fresh directions (reference: 4); the distance averages all
             repeats * directions of them.
@@ -497,12 +529,13 @@ def swd_from_collectors(a: SWDCollector, b: SWDCollector, directions: int = 128,
             descriptors stay on the CPU and travel block by block); None: the CPU, sorting in
             place with numpy on torch.get_num_threads() threads.
     Returns:
-        {"swd_<side>": SWD x 1e3 for each level, finest first, ..., "swd_avg": their mean}.
+        {"swd_<side>": SWD x 1e3 for each level, finest first (``swd_<W>x<H>`` for H != W), ...,
+        "swd_avg": their mean}.
     """
     _check_counts(directions, repeats, max_buffer_elements)
     if a.resolution != b.resolution:
-        raise DataError(f"SWD compares image sets of one resolution, got {a.resolution} and {b.resolution}; "
-                        "resize one set")
+        raise DataError(f"SWD compares image sets of one resolution, got {_text(a.resolution)} and "
+                        f"{_text(b.resolution)}; resize one set")
     for name, c in (("first", a), ("second", b)):
         if c.num_images == 0:
             raise DataError(f"the {name} SWD collector holds no images; add() at least one batch first")
@@ -518,7 +551,7 @@ def swd_from_collectors(a: SWDCollector, b: SWDCollector, directions: int = 128,
         dist = _mean_sliced_w1(partial(_project, partial(a.normalized_blocks, level, keep_a, where), n, device),
                                partial(_project, partial(b.normalized_blocks, level, keep_b, where), n, device),
                                a.descriptor_size, n, directions, repeats, gen, max_buffer_elements, device)
-        result[f"swd_{side}"] = dist * 1e3
+        result[f"swd_{level_name(side)}"] = dist * 1e3
     result["swd_avg"] = float(np.mean(list(result.values())))
     return result
 
@@ -533,12 +566,13 @@ def swd_from_images(images_a: torch.Tensor | np.ndarray, images_b: torch.Tensor 
     swapping the sets gives the same numbers.
 
     Args:
-        images_a, images_b: uint8 [N, 3, S, S] and [M, 3, S, S], pixel values 0..255, S a power
-            of two >= 16. The paper used 16384 images a set; a few hundred already rank models
-            but read higher.
+        images_a, images_b: uint8 [N, 3, H, W] and [M, 3, H, W] (one size for both sets),
+            pixel values 0..255: square with a power-of-two side >= 16, or H != W with the shorter
+            side >= 16 (see level_resolutions). The paper used 16384 images a set; a few hundred
+            already rank models but read higher.
         patches_per_image: 7x7 neighbourhoods per image and level (reference: 128).
         directions, repeats, seed: as in swd_from_collectors (seed also draws the patches).
-        batch_size: images per pyramid computation (memory: about 40 * S * S bytes per image).
+        batch_size: images per pyramid computation (memory: about 40 * H * W bytes per image).
         dtype: descriptor storage type, see SWDCollector.
         device: where to project and sort, see swd_from_collectors (the pyramids are built where
             the images are).
@@ -546,16 +580,16 @@ def swd_from_images(images_a: torch.Tensor | np.ndarray, images_b: torch.Tensor 
         {"swd_<side>": ..., "swd_avg": ...} as swd_from_collectors.
     """
     images_a, images_b = _check_images(images_a), _check_images(images_b)
-    if images_a.shape[2] != images_b.shape[2]:
-        raise DataError(f"SWD compares image sets of one resolution, got {images_a.shape[2]} and "
-                        f"{images_b.shape[2]}; resize one set")
+    if images_a.shape[2:] != images_b.shape[2:]:
+        raise DataError(f"SWD compares image sets of one resolution, got {_text(tuple(images_a.shape[2:]))} and "
+                        f"{_text(tuple(images_b.shape[2:]))}; resize one set")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     collectors = []
     for images in (images_a, images_b):
         if len(images) == 0:
             raise DataError("SWD needs at least one image in each set, got an empty set")
-        collector = SWDCollector(images.shape[2], patches_per_image, seed, dtype)
+        collector = SWDCollector(tuple(images.shape[2:]), patches_per_image, seed, dtype)
         for start in range(0, len(images), batch_size):
             collector.add(images[start:start + batch_size])
         collectors.append(collector)

@@ -28,7 +28,7 @@ from torch import nn
 
 from stylenat._system import cpu_name, peak_rss_bytes
 from stylenat.errors import ConfigError
-from stylenat.models.config import GeneratorConfig, stage_resolutions
+from stylenat.models.config import GeneratorConfig
 from stylenat.nn.attention import split_heads
 
 __all__ = ["generator_flops", "generator_flops_breakdown", "peak_flops", "PEAK_TFLOPS", "MODES", "measure_throughput",
@@ -46,28 +46,33 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 
 
 def generator_flops_breakdown(config: GeneratorConfig) -> dict[str, int]:
-    """FLOPs of one image through the generator, by kind of layer (see the module docstring)."""
-    res = stage_resolutions(config.resolution)
-    ch, sd, last = config.channels, config.style_dim, len(res) - 1
+    """FLOPs of one image through the generator, by kind of layer (see the module docstring).
+
+    Per stage of h x w tokens (config.stage_shapes(), so a rectangle counts its own h * w), with
+    ky * kx keys per query for a head group of kernel (ky, kx).
+    """
+    shapes = config.stage_shapes()
+    ch, sd, last = config.channels, config.style_dim, len(shapes) - 1
     parts = dict.fromkeys(("mapping", "style", "qkv", "attention", "proj", "mlp", "upsample", "to_rgb"), 0)
     parts["mapping"] = config.n_mlp * 2 * sd * sd
-    for s, r in enumerate(res):
-        n, c, heads = r * r, ch[s], config.heads[s]
+    for s, (h, w) in enumerate(shapes):
+        n, c, heads = h * w, ch[s], config.heads[s]
         head_dim, hidden = c // heads, int(c * config.mlp_ratio)
-        # Every head group sees k*k keys per query (the 4x4 stage: kernel 4, all 16 tokens).
-        keys = sum(nh * k * k for nh, k in zip(split_heads(heads, len(config.kernels[s])), config.kernels[s]))
+        # Every head group sees ky*kx keys per query (the 4x4 stage: kernel 4, all 16 tokens).
+        kernels = [(k, k) if isinstance(k, int) else k for k in config.kernels[s]]
+        keys = sum(nh * ky * kx for nh, (ky, kx) in zip(split_heads(heads, len(kernels)), kernels))
         blocks = 2
         parts["style"] += blocks * 2 * (2 * sd * 2 * c)  # two AdaINs per block, one w -> (gamma, beta) each
         parts["qkv"] += blocks * 2 * n * c * 3 * c
         parts["attention"] += blocks * 2 * 2 * n * keys * head_dim  # q.k scores, then weights @ v
         parts["proj"] += blocks * 2 * n * c * c
         parts["mlp"] += blocks * 2 * (2 * n * c * hidden)
-        out = min(2 * r, config.resolution)
+        out = 4 * n if s < last else n  # tokens after the stage: twice h and w, except at the image
         if s < last:
-            parts["upsample"] += 2 * out * out * c * ch[s + 1]
+            parts["upsample"] += 2 * out * c * ch[s + 1]
         if 0 < s < last:  # the RGB skip from the previous stage: 4x4 FIR on the zero-stuffed map
-            parts["to_rgb"] += 2 * 3 * out * out * 16
-        parts["to_rgb"] += 2 * out * out * ch[min(s + 1, last)] * 3
+            parts["to_rgb"] += 2 * 3 * out * 16
+        parts["to_rgb"] += 2 * out * ch[min(s + 1, last)] * 3
     return parts
 
 
@@ -217,7 +222,7 @@ def benchmark(g: nn.Module, batches: Sequence[int] | None = None, warmup: int | 
         "threads": torch.get_num_threads() if not cuda else None,
         "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
-        "resolution": g.config.resolution,
+        "resolution": g.config.resolution, "width": g.config.width, "height": g.config.height,
         "parameters": sum(p.numel() for p in g.parameters()),
         "flops_per_image": flops, "gflops_per_image": flops / 1e9,
         "peak_tflops": None if peak is None else peak / 1e12,

@@ -7,6 +7,9 @@ A latent file holds one latent of a generator (e.g. found by ``stylenat project`
     metadata: "format": "stylenat-latent/1", "space", "num_ws", "style_dim", "resolution",
               "model": first 16 hex digits of the sha256 of the generator config JSON (sorted keys)
 
+"resolution" is the image edge for a square model ("256", as always) and WIDTHxHEIGHT for a
+rectangular one ("512x384"); :func:`stylenat.models.config.parse_size` reads both forms.
+
 Other tagged files (e.g. SeFa directions, :mod:`stylenat.editing`) reuse :func:`model_identity`,
 :func:`read_tagged_file` and :func:`check_identity`: a file made for a model with other latent
 shapes is refused, one made for another configuration with the same shapes loads with a warning.
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 
 from stylenat._system import atomic_path
 from stylenat.errors import ConfigError, MissingFileError, ModelFileError, first_line
+from stylenat.models.config import size_text
 
 __all__ = ["LATENT_FORMAT", "SPACES", "model_identity", "read_tagged_file", "check_identity", "save_latent",
            "load_latent"]
@@ -37,7 +41,7 @@ def model_identity(g: nn.Module) -> dict[str, str]:
     config = json.dumps(g.config.to_dict(), sort_keys=True)
     return {
         "model": sha256(config.encode()).hexdigest()[:16],
-        "resolution": str(g.resolution),
+        "resolution": str(g.resolution) if isinstance(g.resolution, int) else size_text(g.resolution),
         "num_ws": str(g.num_ws),
         "style_dim": str(g.style_dim),
     }

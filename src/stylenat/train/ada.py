@@ -448,6 +448,9 @@ class AugmentPipe(nn.Module):
         **multipliers: per-transform probability multipliers (>= 0) overriding the preset, by name
             (xflip, rotate90, xint, scale, rotate, aniso, xfrac, brightness, contrast, lumaflip, hue,
             saturation); e.g. ``AugmentPipe("none", rotate90=1)`` only turns images by quarter turns.
+
+    Images of W != H: every transform acts per axis in pixels (shifts scale with each axis), and
+    ``rotate90`` draws half turns only, the turns that map such a frame onto itself.
     """
 
     def __init__(self, preset: str = "bgc", mean: tuple[float, ...] = IMAGENET_MEAN,
@@ -515,7 +518,10 @@ class AugmentPipe(nn.Module):
         if m["xflip"]:
             out.xflip = gate(torch.floor(uniform(batch) * 2), p * m["xflip"], 0.0)
         if m["rotate90"]:
-            out.rotate90 = gate(torch.floor(uniform(batch) * 4), p * m["rotate90"], 0.0)
+            # A quarter turn maps a W != H frame off itself: there only the half turn is drawn (the
+            # same one number per image, so the stream does not depend on the shape).
+            turns = torch.floor(uniform(batch) * 4) if width == height else 2 * torch.floor(uniform(batch) * 2)
+            out.rotate90 = gate(turns, p * m["rotate90"], 0.0)
         if m["xint"]:
             out.xint = gate(torch.round((uniform(batch, 2) * 2 - 1) * XINT_MAX * size), p * m["xint"], 0.0)
         if m["scale"]:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from stylenat._config import JsonConfig, param
 from stylenat.errors import ConfigError
+from stylenat.models.config import parse_size
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,15 @@ class TrainConfig(JsonConfig):
     (``stylenat.models.FAMILIES``: ffhq, church, sized by ``resolution``) of the generator and discriminator.
     With ``init`` the model comes from the init model: None (``stylenat train --init`` without
     ``--preset``), or a preset that describes that model (a conflicting one is an error)."""
-    resolution: int | None = param(None, min=16)
-    """Image edge of a family preset (16, 32, ..., 1024); None: the data's (a prepared dataset's size, or its images' size).
+    resolution: int | tuple[int, int] | None = param(None, min=1)
+    """Image size of a family preset: N (a square) or WIDTHxHEIGHT (``256x128``; stored as [height, width]);
+    docs/models.md says which sizes exist. None: the data's (a prepared dataset's size, or its images' size).
     With ``init``: None or the init model's own size (fine-tuning never resizes a model)."""
+    cbase: int | None = param(None, min=1)
+    """Width of a family model, StyleGAN3's knob: stage i has min(cbase / (4 * 2^i), cmax) channels; None: 32768,
+    the official models' (``--cbase 1024 --cmax 64`` makes a 64x64 model of about 0.5M parameters)."""
+    cmax: int | None = param(None, min=1)
+    """Most channels a stage of a family model has, and the width of w up to 512; None: 512, the official models'."""
     generator: dict = field(default_factory=dict)
     """Overrides of GeneratorConfig fields; the run directory stores the fully resolved config here."""
     discriminator: dict = field(default_factory=dict)
@@ -133,6 +140,11 @@ class TrainConfig(JsonConfig):
     """Deterministic kernels (``torch.use_deterministic_algorithms``; on CUDA also cuDNN and cuBLAS
     settings and the tiled attention backend instead of flex). CPU runs are bitwise reproducible
     without it; see docs/robustness.md, "Determinism"."""
+
+    def __post_init__(self):
+        if isinstance(self.resolution, (str, list, tuple)):  # "256x128", [128, 256] from JSON
+            object.__setattr__(self, "resolution", parse_size(self.resolution, "TrainConfig.resolution"))
+        super().__post_init__()
 
     def _check(self):
         if self.preset is None and self.init is None:

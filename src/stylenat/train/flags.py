@@ -14,6 +14,7 @@ import typing
 
 from stylenat._config import bounds, field_docs, field_types, parse_text
 from stylenat.errors import UserError
+from stylenat.models.config import parse_size
 from stylenat.models.loading import read_official_meta
 from stylenat.train.config import TrainConfig, get_train_preset
 
@@ -41,7 +42,10 @@ TRAIN_FIELDS_WITHOUT_FLAG = {
     "init_sha256": "the trainer (the sha256 of the --init model file, checked on a restart)",
 }
 # Value names for --help where the field's type says less than its name.
-_TRAIN_METAVARS = {"data": "PATH", "run_dir": "DIR", "init": "MODEL", "inception": "PATH", "metrics": "NAME,..."}
+_TRAIN_METAVARS = {"data": "PATH", "run_dir": "DIR", "init": "MODEL", "inception": "PATH", "metrics": "NAME,...",
+                   "resolution": "N|WxH"}
+# Fields whose text is not read by their type alone.
+_TRAIN_READERS = {"resolution": lambda text, where: None if text.strip().lower() in ("none", "null") else parse_size(text, where)}
 
 
 def train_flag_fields() -> list:
@@ -110,7 +114,8 @@ def flag_values(args: argparse.Namespace) -> dict:
     for field in train_flag_fields():
         value = getattr(args, field.name)
         if value is not None:
-            out[field.name] = value if isinstance(value, bool) else parse_text(value, hints[field.name], _flag(field.name))
+            read = _TRAIN_READERS.get(field.name, lambda text, where: parse_text(text, hints[field.name], where))
+            out[field.name] = value if isinstance(value, bool) else read(value, _flag(field.name))
     return out
 
 
@@ -124,7 +129,7 @@ def _markdown_value(value) -> str:
         return f"{value:g}"
     if isinstance(value, tuple):
         return ",".join(map(_markdown_value, value)) or '""'
-    return str(value)
+    return str(value)  # (a size default would need size_text; none has one)
 
 
 def train_flags_markdown() -> str:

@@ -340,7 +340,7 @@ class _Trainer:
 
     def _loop(self, stop: GracefulStop) -> None:
         cfg, state = self.cfg, self.state
-        model = f"preset {cfg.preset}" if cfg.preset is not None else f"model from {cfg.init}"
+        model = (f"preset {cfg.preset}" if cfg.preset is not None else f"model from {cfg.init}") + f" at {self.g_cfg.size_text}"
         self.log.line(f"{'resuming at' if state.step else 'starting'} step {state.step} of {cfg.steps}: {model}, "
                       f"{len(self.dataset)} images ({cfg.data}), batch {cfg.batch} x accum {cfg.accum} x {self.info.world} "
                       f"rank(s) on {self.device}, G {_count(self.G):,} / D {_count(self.D):,} params")
@@ -414,7 +414,7 @@ class _Trainer:
             return
         # One row per class (the first classes when there are more than rows), black where a class runs out.
         classes = self._grid_classes()
-        images = torch.zeros(len(classes) * cols, 3, self.g_cfg.resolution, self.g_cfg.resolution, dtype=torch.uint8)
+        images = torch.zeros(len(classes) * cols, 3, *self.g_cfg.shape, dtype=torch.uint8)
         for r, k in enumerate(classes):
             members = (self.dataset.labels == k).nonzero().flatten()[:cols].tolist()
             for j, i in enumerate(members):

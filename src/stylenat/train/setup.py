@@ -23,7 +23,7 @@ from stylenat.errors import ConfigError
 from stylenat.metrics.registry import parse_metric
 from stylenat.models import (FAMILIES, PRESETS, DiscriminatorConfig, GeneratorConfig, build_discriminator, build_generator,
                              get_preset, resolve_models)
-from stylenat.models.config import family_advice, official_discriminator
+from stylenat.models.config import family_advice, official_discriminator, parse_size, size_flag, size_text
 from stylenat.models.loading import model_source_file
 from stylenat.train import dist
 from stylenat.train.ada import resamples
@@ -53,15 +53,18 @@ def resolve_config(config: TrainConfig, init: dict[str, nn.Module] | None = None
         g_cfg = init["g_ema"].config
         r = g_cfg.resolution
         if config.resolution is not None and config.resolution != r:
-            raise ConfigError(f"--resolution {config.resolution}: the model from --init {config.init} is {r}x{r} and "
-                              f"fine-tuning keeps its size; drop --resolution and use data at {r}x{r} "
-                              f"(stylenat prepare SRC DST --size {r})")
+            raise ConfigError(f"--resolution {size_flag(config.resolution)}: the model from --init {config.init} is "
+                              f"{size_text(r)} and fine-tuning keeps its size; drop --resolution and use data at "
+                              f"{size_text(r)} (stylenat prepare SRC DST --size {size_flag(r)})")
+        if config.cbase is not None or config.cmax is not None:
+            raise ConfigError(f"--cbase/--cmax shape a new family model; the model from --init {config.init} keeps its "
+                              "width: drop them")
         # A preset with --init must describe the model (it then also picks the training recipe); an
         # official checkpoint read by preset name got its config from that preset (its head groups
         # adapted to the checkpoint's), so it is not compared again.
         preset = None
         if config.preset is not None and config.init_preset is None:
-            preset = get_preset(config.preset, r if config.preset in FAMILIES else None)
+            preset = get_preset(config.preset, r if config.preset in FAMILIES else None, **_width(config))
             _check_init_preset(config, g_cfg, preset[0], "generator")
         if "d" in init:
             d_cfg = init["d"].config
@@ -77,18 +80,26 @@ def resolve_config(config: TrainConfig, init: dict[str, nn.Module] | None = None
     elif all(k in g_over for k in _REQUIRED["generator"]) and all(k in d_over for k in _REQUIRED["discriminator"]):
         g_cfg, d_cfg = GeneratorConfig.from_dict(g_over), DiscriminatorConfig.from_dict(d_over)
     else:
-        asked = {r for r in (config.resolution, g_over.pop("resolution", None), d_over.pop("resolution", None)) if r is not None}
+        asked = {parse_size(r, where) for r, where in ((config.resolution, "--resolution"),
+                                                      (g_over.pop("resolution", None), "--generator resolution"),
+                                                      (d_over.pop("resolution", None), "--discriminator resolution"))
+                 if r is not None}
         if len(asked) > 1:
-            raise ConfigError(f"conflicting resolutions {sorted(asked)} (--resolution, --generator, --discriminator)")
+            raise ConfigError(f"conflicting resolutions {', '.join(sorted(map(size_text, asked)))} (--resolution, "
+                              "--generator, --discriminator)")
         resolution = asked.pop() if asked else None
         if config.preset in FAMILIES and resolution is None:
             if data_res is None or not binding:
                 what = "the built-in demo" if str(config.data) == "demo" else \
-                    f"its images are {data_res}x{data_res}" if data_res else "its images differ in size or are not square"
-                raise ConfigError(f"cannot size the {config.preset} model from {config.data} ({what}): give --resolution R "
-                                  "(images are then cropped and resized to R), or prepare the data with stylenat prepare --size R")
+                    f"its images are {size_text(data_res)}, not a model size" if data_res else "its images differ in size"
+                raise ConfigError(f"cannot size the {config.preset} model from {config.data} ({what}): give --resolution "
+                                  "N or WxH (images are then cropped and resized to it), or prepare the data with "
+                                  "stylenat prepare --size N or WxH")
             resolution = data_res
-        g_cfg, d_cfg = get_preset(config.preset, resolution)
+        if config.preset not in FAMILIES and _width(config):
+            raise ConfigError(f"--cbase/--cmax shape a family model; --preset {config.preset} has a fixed width: use "
+                              "--preset ffhq or church")
+        g_cfg, d_cfg = get_preset(config.preset, resolution, **_width(config))
         g_cfg = GeneratorConfig.from_dict({**g_cfg.to_dict(), **g_over})
         d_cfg = DiscriminatorConfig.from_dict({**d_cfg.to_dict(), **d_over})
     if tuple(g_cfg.classes) != tuple(classes) and (init is not None or config.cond is not False):
@@ -99,15 +110,15 @@ def resolve_config(config: TrainConfig, init: dict[str, nn.Module] | None = None
         raise ConfigError(f"the generator has {g_cfg.num_classes} classes but the discriminator {d_cfg.num_classes}")
     r = g_cfg.resolution
     if d_cfg.resolution != r:
-        raise ConfigError(f"generator resolution {r} differs from discriminator resolution {d_cfg.resolution}")
+        raise ConfigError(f"generator size {size_text(r)} differs from discriminator size {d_cfg.size_text}")
     if binding and data_res != r and init is not None:  # a fine-tuned model keeps its size: the data must fit it
-        raise ConfigError(f"{config.data} holds {data_res}x{data_res} images but the model is {r}x{r} (from --init "
-                          f"{config.init}), and fine-tuning keeps the model's size: prepare the data at {r} "
-                          f"(stylenat prepare SRC DST --size {r})")
+        raise ConfigError(f"{config.data} holds {size_text(data_res)} images but the model is {size_text(r)} (from "
+                          f"--init {config.init}), and fine-tuning keeps the model's size: prepare the data at "
+                          f"{size_text(r)} (stylenat prepare SRC DST --size {size_flag(r)})")
     if binding and data_res != r:
-        raise ConfigError(f"{config.data} holds {data_res}x{data_res} images but the model is {r}x{r}: prepare the data "
-                          f"at {r} (stylenat prepare SRC DST --size {r}), or train at the data's size "
-                          f"({family_advice('ffhq', data_res).removeprefix(f'for {data_res}x{data_res} ')})")
+        raise ConfigError(f"{config.data} holds {size_text(data_res)} images but the model is {size_text(r)}: prepare "
+                          f"the data at {size_text(r)} (stylenat prepare SRC DST --size {size_flag(r)}), or train at the "
+                          f"data's size ({family_advice('ffhq', data_res).removeprefix(f'for {size_text(data_res)} ')})")
     group = min(config.batch, d_cfg.stddev_group)
     if config.batch % group:
         raise ConfigError(f"batch {config.batch} must be a multiple of the discriminator's minibatch-stddev group "
@@ -121,9 +132,14 @@ def resolve_config(config: TrainConfig, init: dict[str, nn.Module] | None = None
         raise ConfigError(f"--freeze-d {config.freeze_d}: {config.init} holds no discriminator, so D starts random "
                           "and frozen blocks would stay random: init from a model with a discriminator, or drop --freeze-d")
     if config.freeze_d > d_cfg.num_blocks:
-        raise ConfigError(f"--freeze-d {config.freeze_d}: the {r}x{r} discriminator has {d_cfg.num_blocks} blocks "
+        raise ConfigError(f"--freeze-d {config.freeze_d}: the {size_text(r)} discriminator has {d_cfg.num_blocks} blocks "
                           "before its output block")
     return config.replace(resolution=r, generator=g_cfg.to_dict(), discriminator=d_cfg.to_dict())
+
+
+def _width(config: TrainConfig) -> dict:
+    """The family width options given (cbase, cmax)."""
+    return {k: getattr(config, k) for k in ("cbase", "cmax") if getattr(config, k) is not None}
 
 
 def _check_init_preset(config: TrainConfig, model_cfg, preset_cfg, what: str) -> None:
@@ -181,7 +197,7 @@ def _official_init_preset(config: TrainConfig) -> str | None:
     named = [n for n in PRESETS if n.startswith(family)]
     if size is not None and f"{family}{size}" in PRESETS:
         return f"{family}{size}"
-    where = (f"there is no named {family} preset at {size}x{size}" if size is not None else
+    where = (f"there is no named {family} preset at {size_text(size)}" if size is not None else
              f"the size is not known ({config.data} does not set it and --resolution is not given)")
     raise ConfigError(f"--preset {family} is a family, and an official checkpoint is read with the named preset it was "
                       f"trained with ({', '.join(named)}) or --meta META.json; {where}")

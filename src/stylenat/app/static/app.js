@@ -1,5 +1,6 @@
 // The explorer page: plain DOM code against the JSON API of stylenat.app.server (no framework,
 // nothing loaded from elsewhere). Latents travel as {seed: N} or {ws: base64 float32}.
+// Images are the model's W x H (info.width, info.height) and are shown with that aspect; pixels are [y, x].
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -63,11 +64,20 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// Small models are blown up with crisp pixels.
+function isSmall(info) { return Math.max(info.width, info.height) < 128; }
+
 function image(src, alt) {
   const img = el("img", { src, alt });
-  if (state.info.resolution < 128) img.classList.add("pixelated");
+  if (isSmall(state.info)) img.classList.add("pixelated");
   return img;
 }
+
+// A size as the page writes it: "32×32", "32×16" (width × height).
+function sizeText(width, height) { return `${width}×${height}`; }
+
+// A stage's (width, height): a square stage has its edge as resolution, a rectangle's names both.
+function stageSize(s) { return s.width === undefined ? [s.resolution, s.resolution] : [s.width, s.height]; }
 
 // ---- latent pickers: a seed, or the projected image once there is one ----
 
@@ -100,14 +110,15 @@ function setSeed(seed) {
 function kernelText(pair) { return pair[0] === pair[1] ? `${pair[0]}` : `${pair[0]}×${pair[1]}`; }
 
 function showAttention(ev) {
-  const img = ev.currentTarget, box = img.getBoundingClientRect(), size = state.info.resolution;
-  const x = Math.min(size - 1, Math.floor(((ev.clientX - box.left) / box.width) * size));
-  const y = Math.min(size - 1, Math.floor(((ev.clientY - box.top) / box.height) * size));
+  // x over the image's width, y over its height: each axis on its own (the image need not be square).
+  const img = ev.currentTarget, box = img.getBoundingClientRect(), { width, height } = state.info;
+  const x = Math.min(width - 1, Math.max(0, Math.floor(((ev.clientX - box.left) / box.width) * width)));
+  const y = Math.min(height - 1, Math.max(0, Math.floor(((ev.clientY - box.top) / box.height) * height)));
   const resolutions = [...document.querySelectorAll("#stages input:checked")].map((c) => Number(c.value));
   task(`attention at (${y}, ${x})`, async () => {
     const r = await api("/api/attention", { seed: Number(img.dataset.seed), pixel: [y, x], resolutions, ...common() });
     const rows = r.rows.map((row) => el("div", { class: "attn-row" },
-      el("h3", {}, `${row.resolution}×${row.resolution} block ${row.block}: query (${row.query.join(", ")})`),
+      el("h3", {}, `${sizeText(row.width, row.height)} block ${row.block}: query (${row.query.join(", ")})`),
       el("div", { class: "cells" },
         el("figure", {}, image(row.image, "query"), el("figcaption", {}, "query pixel")),
         ...row.groups.map((g) => el("figure", {}, image(g.image, `group ${g.group}`),
@@ -245,21 +256,33 @@ function startProjection() {
 
 // ---- set-up from /api/info ----
 
+// A stage as the page names it: its edge (16) for a square, "16×8" for a rectangle.
+function stageText(s) { return s.width === undefined ? `${s.resolution}` : sizeText(...stageSize(s)); }
+
 function describe(info) {
-  const stages = info.stages.map((s) => s.resolution);
-  $("model-info").textContent = `${info.resolution}×${info.resolution}, ${info.num_ws} latents, stages ${stages.join("/")}, ${info.device}`;
+  const stages = info.stages.map(stageText);
+  $("model-info").textContent = `${sizeText(info.width, info.height)}, ${info.num_ws} latents, stages ${stages.join("/")}, ${info.device}`;
   for (const s of info.stages) {
     const groups = s.kernels.map((k, i) => `k${kernelText(k)} d${kernelText(s.dilations[i])}`).join(", ");
-    const box = el("input", { type: "checkbox", value: s.resolution });
+    // The attention API names a stage by its longer side (a square stage's edge).
+    const box = el("input", { type: "checkbox", value: Math.max(...stageSize(s)) });
     box.checked = true;
-    $("stages").append(el("label", { title: groups }, box, ` ${s.resolution}`));
+    $("stages").append(el("label", { title: groups }, box, ` ${stageText(s)}`));
   }
+}
+
+// Pictures keep the model's aspect: the longer side gets the size CSS gives a square, the shorter its share.
+function setAspect(info) {
+  const longer = Math.max(info.width, info.height);
+  document.documentElement.style.setProperty("--fit-w", info.width / longer);
+  document.documentElement.style.setProperty("--fit-h", info.height / longer);
 }
 
 function buildLayerControls(info) {
   for (let i = 0; i < info.num_ws; i++) {
-    const res = 4 * 2 ** Math.floor(i / 2);
-    $("mix-layers").append(el("label", {}, el("input", { type: "checkbox", value: i }), ` ${i} (${res}²)`));
+    const s = info.stages[Math.floor(i / 2)];
+    const where = s.width === undefined ? `${s.resolution}²` : sizeText(s.width, s.height);
+    $("mix-layers").append(el("label", {}, el("input", { type: "checkbox", value: i }), ` ${i} (${where})`));
   }
   for (const [name, indices] of Object.entries(info.layer_groups)) {
     const button = el("button", { title: `ws ${indices.join(", ")}` }, name);
@@ -306,13 +329,14 @@ async function start() {
     return;
   }
   const info = state.info;
+  setAspect(info);
   describe(info);
   buildLayerControls(info);
   buildSliders(info.limits.max_directions);
   $("class-label").hidden = info.classes.length === 0;
   $("class").append(...info.classes.map((name, i) => el("option", { value: i }, name)));
   const pictures = ["image", "mix-a-image", "mix-b-image", "mix-image", "interp-frame", "edit-image", "project-target", "project-image"];
-  if (info.resolution < 128) for (const id of pictures) $(id).classList.add("pixelated");
+  if (isSmall(info)) for (const id of pictures) $(id).classList.add("pixelated");
   state.pickers = {
     mixA: makePicker($("mix-a")), mixB: makePicker($("mix-b")),
     interpA: makePicker($("interp-a")), interpB: makePicker($("interp-b")), edit: makePicker($("edit-latent")),
