@@ -52,14 +52,18 @@ def varied_tiny(style_dim: int | None = None, resolution: int | None = None, con
     if resolution == 16:
         cfg = dataclasses.replace(cfg, resolution=16, channels=cfg.channels[:3], heads=cfg.heads[:3],
                                   kernels=cfg.kernels[:3], dilations=cfg.dilations[:3])
-    g = build_generator(cfg)
+    return vary(build_generator(cfg))
+
+
+def vary(g: torch.nn.Module) -> torch.nn.Module:
+    """``g`` with larger block and ToRGB weights, its mean w (of each class) recomputed, in eval mode."""
     for p in g.synthesis.to_rgbs.parameters():
         torch.nn.init.normal_(p, std=0.3)
     for m in g.synthesis.modules():
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.normal_(m.weight, std=0.05)
     g.compute_w_avg(n=256)
-    if conditional:
+    if g.num_classes:
         g.compute_class_w_avg(n=256)
     return g.eval()
 

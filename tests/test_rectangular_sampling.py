@@ -29,6 +29,8 @@ from stylenat.models.latents import load_latent, model_identity, save_latent
 from stylenat.projection import load_target, project, psnr, w_stats
 from stylenat.sampling import as_ws, generate, interpolate, save_video, style_mix
 
+from .test_projection import vary
+
 H, W = 16, 32
 FAST = dict(distance="pyramid", w_avg_samples=2000)
 
@@ -38,14 +40,7 @@ def rect_generator(seed: int = 0) -> torch.nn.Module:
     varied_tiny: larger block and ToRGB weights; seeds are 18-23 dB apart)."""
     torch.manual_seed(seed)
     g_cfg, _ = get_preset("ffhq", f"{W}x{H}", cbase=512, cmax=32)
-    g = build_generator(g_cfg)
-    for p in g.synthesis.to_rgbs.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    for m in g.synthesis.modules():
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.normal_(m.weight, std=0.05)
-    g.compute_w_avg(n=256)
-    return g.eval()
+    return vary(build_generator(g_cfg))
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,13 @@ def random_weights(tmp_path_factory) -> str:
     return str(path)
 
 
-def write_images(folder, count: int, size: int = 8, seed: int = 0) -> list[np.ndarray]:
-    """Write `count` random RGB PNGs into `folder`; returns them as HWC uint8 arrays in name order."""
+def write_images(folder, count: int, size: int | tuple[int, int] = 8, seed: int = 0) -> list[np.ndarray]:
+    """Write `count` random RGB PNGs of `size` (a side, or (height, width)) into `folder`; returns them
+    as HWC uint8 arrays in name order."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    arrays = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)]
+    h, w = (size, size) if isinstance(size, int) else size
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(count)]
     for i, arr in enumerate(arrays):
         Image.fromarray(arr).save(folder / f"img{i:03d}.png")
     return arrays

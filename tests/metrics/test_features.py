@@ -97,24 +97,14 @@ def test_fid_of_a_set_against_itself_is_zero(tmp_path, image_writer, extractor):
     assert abs(compare(stats, stats)["fid"]) < 1e-10
 
 
-def _write_rect_images(folder, count: int, h: int, w: int, seed: int = 0) -> list[np.ndarray]:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(count)]
-    for i, arr in enumerate(arrays):
-        Image.fromarray(arr).save(folder / f"img{i:03d}.png")
-    return arrays
-
-
-def test_rectangular_stats_are_cached_under_their_own_size(tmp_path, extractor, extractor_oracle, isolated_cache):
+def test_rectangular_stats_are_cached_under_their_own_size(tmp_path, extractor, extractor_oracle, isolated_cache,
+                                                          image_writer):
     import hashlib
     import json
 
     from stylenat.data import open_dataset
 
-    arrays = _write_rect_images(tmp_path / "real", 5, 16, 32)  # 32 wide, 16 high
+    arrays = image_writer(tmp_path / "real", 5, (16, 32))  # 32 wide, 16 high
     wide = dataset_features(tmp_path / "real", extractor, (16, 32), batch=2, progress=False)
     assert extractor.images == 5
     np.testing.assert_allclose(wide.mean_cov()[0], extractor_oracle(arrays).mean(0), rtol=1e-10)
